@@ -1,0 +1,198 @@
+/*
+ * Driver of the fused attention: validates parameters, cuts the work into (batch, KV head,
+ * query tile[, key chunk]) items, runs them on the pool (most expensive first, claimed
+ * dynamically) and, for split-KV, merges the partial results by log-sum-exp.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "attention.h"
+#include "../cpu/convert.h"
+
+static void attn_task(void *ctx, int tid, int nth)
+{
+    (void)tid;
+    (void)nth;
+    lampe_attn_plan *ap = (lampe_attn_plan *)ctx;
+    const int64_t n_items = ap->n_tiles * ap->nchunks;
+    float *scratch = NULL;
+    for (;;) {
+        const int64_t item = atomic_fetch_add(&ap->next, 1);
+        if (item >= n_items) break;
+        if (!scratch) {
+            scratch = (float *)aligned_alloc(64, ((size_t)ap->scratch_floats * 4 + 63) / 64 * 64);
+            if (!scratch) { /* leave the item for nobody: report through the sentinel */
+                atomic_store(&ap->next, n_items + 1 + (1LL << 40));
+                break;
+            }
+        }
+        ap->kern->attn_item(ap, item, scratch);
+    }
+    free(scratch);
+}
+
+static void store_row(const lampe_attn_params *p, int64_t b, int64_t h, int64_t t, const float *o, float *tmp)
+{
+    const size_t es = p->dtype == LAMPE_F32 ? 4 : 2;
+    char *dst = (char *)p->out + (size_t)(b * p->out_stride[0] + h * p->out_stride[1] + t * p->out_stride[2]) * es;
+    const int64_t D = p->head_dim;
+    if (p->dtype == LAMPE_F32) {
+        memcpy(dst, o, (size_t)D * 4);
+        return;
+    }
+    uint16_t *d16 = (uint16_t *)dst;
+    for (int64_t d = 0; d < D; d++) d16[d] = p->dtype == LAMPE_BF16 ? lampe_f32_to_bf16(o[d]) : lampe_f32_to_f16(o[d]);
+    (void)tmp;
+}
+
+typedef struct {
+    lampe_attn_plan *ap;
+    atomic_llong next;
+} merge_job;
+
+/* out = sum_c 2^(m_c - m) O_c / sum_c 2^(m_c - m) l_c, with empty chunks (l = 0) skipped. */
+static void merge_task(void *ctx, int tid, int nth)
+{
+    (void)tid;
+    (void)nth;
+    merge_job *job = (merge_job *)ctx;
+    lampe_attn_plan *ap = job->ap;
+    const lampe_attn_params *p = ap->p;
+    const int64_t D = p->head_dim, G = ap->group, C = ap->nchunks;
+    float *acc = (float *)malloc((size_t)D * 4);
+    if (!acc) return;
+    for (;;) {
+        const int64_t ti = atomic_fetch_add(&job->next, 1);
+        if (ti >= ap->n_tiles) break;
+        const lampe_attn_tile *tile = &ap->tiles[ti];
+        const int64_t M = (tile->t1 - tile->t0) * G;
+        for (int64_t r = 0; r < M; r++) {
+            float m = -INFINITY;
+            for (int64_t c = 0; c < C; c++) {
+                const float *ml = ap->part_ml + ((ti * C + c) * ap->max_rows + r) * 2;
+                if (ml[1] > 0.0f && ml[0] > m) m = ml[0];
+            }
+            float l = 0.0f;
+            memset(acc, 0, (size_t)D * 4);
+            if (m != -INFINITY) {
+                for (int64_t c = 0; c < C; c++) {
+                    const float *ml = ap->part_ml + ((ti * C + c) * ap->max_rows + r) * 2;
+                    if (!(ml[1] > 0.0f)) continue;
+                    const float w = exp2f(ml[0] - m);
+                    const float *o = ap->part_o + ((ti * C + c) * ap->max_rows + r) * D;
+                    l += w * ml[1];
+                    for (int64_t d = 0; d < D; d++) acc[d] += w * o[d];
+                }
+            }
+            const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+            for (int64_t d = 0; d < D; d++) acc[d] *= inv;
+            const int64_t h = tile->kvh * G + r % G, t = tile->t0 + r / G;
+            store_row(p, tile->b, h, t, acc, NULL);
+            if (p->lse)
+                p->lse[tile->b * p->lse_stride[0] + h * p->lse_stride[1] + t * p->lse_stride[2]] =
+                    l > 0.0f ? (m + log2f(l)) * 0.6931471805599453f : -INFINITY;
+        }
+    }
+    free(acc);
+}
+
+/* A tile of prompt rows shares one key rotation per slot; a row after the prompt of an active
+ * plan has its own map shift, so it gets a tile of its own. */
+static int64_t first_own_tile_row(const lampe_attn_params *p, int64_t b)
+{
+    const lampe_plan *pl = p->seqs[b].plan;
+    if (!pl || pl->fallback) return p->q_len;
+    /* tensor row t has position kv_len - q_len + t - off; rows at or past the prompt length */
+    int64_t t = pl->length + p->seqs[b].key_offset - (p->kv_len - p->q_len);
+    if (t < 0) t = 0;
+    return t < p->q_len ? t : p->q_len;
+}
+
+int lampe_attention(const lampe_attn_params *p)
+{
+    if (!p || !p->q || !p->k || !p->v || !p->out || !p->seqs) return LAMPE_ERR_ARG;
+    if (p->dtype < LAMPE_F32 || p->dtype > LAMPE_F16) return LAMPE_ERR_ARG;
+    if (p->batch < 0 || p->q_len < 0 || p->kv_len < 0 || p->head_dim < 1 || p->q_heads < 1 || p->kv_heads < 1)
+        return LAMPE_ERR_ARG;
+    if (p->q_heads % p->kv_heads || p->q_len > p->kv_len) return LAMPE_ERR_ARG;
+    if (p->q_heads / p->kv_heads > 4096) return LAMPE_ERR_UNSUPPORTED;
+    if (p->rotary_dim < 0 || p->rotary_dim > p->head_dim || p->rotary_dim % 2) return LAMPE_ERR_ARG;
+    if (p->rotary_dim > 0 && !p->inv_freq) return LAMPE_ERR_ARG;
+    if (p->layout != LAMPE_LAYOUT_HALF && p->layout != LAMPE_LAYOUT_INTERLEAVED) return LAMPE_ERR_ARG;
+    if (p->kv_len > LAMPE_MAX_LENGTH * 2) return LAMPE_ERR_LENGTH;
+    if (p->rope_table_len > 0 && (!p->rope_cos || !p->rope_sin)) return LAMPE_ERR_ARG;
+    for (int64_t b = 0; b < p->batch; b++) {
+        const lampe_attn_seq *s = &p->seqs[b];
+        if (s->key_offset < 0 || s->key_offset > p->kv_len) return LAMPE_ERR_ARG;
+        if (s->plan) {
+            if (!s->plan->mapped_ids || s->plan->length < 1) return LAMPE_ERR_ARG;
+            if (s->plan->decode != LAMPE_DECODE_SHIFTED) return LAMPE_ERR_UNSUPPORTED;
+        }
+    }
+    if (p->batch == 0 || p->q_len == 0) return LAMPE_OK;
+
+    const int64_t G = p->q_heads / p->kv_heads;
+    int64_t bq = 64 / G;
+    if (bq < 1) bq = 1;
+    if (bq > LAMPE_ATTN_MAX_BQ) bq = LAMPE_ATTN_MAX_BQ;
+
+    int64_t n_tiles = 0;
+    for (int64_t b = 0; b < p->batch; b++) {
+        const int64_t own = first_own_tile_row(p, b);
+        n_tiles += p->kv_heads * ((own + bq - 1) / bq + (p->q_len - own));
+    }
+    lampe_attn_plan ap;
+    memset(&ap, 0, sizeof(ap));
+    ap.p = p;
+    ap.group = G;
+    ap.max_rows = G * bq;
+    ap.n_tiles = n_tiles;
+    ap.kern = lampe_kernels_active();
+    ap.tiles = (lampe_attn_tile *)malloc((size_t)n_tiles * sizeof(lampe_attn_tile));
+    if (!ap.tiles) return LAMPE_ERR_NOMEM;
+    /* Later query tiles see more keys: list them first so the dynamic claim balances. */
+    int64_t n = 0;
+    for (int64_t b = 0; b < p->batch; b++) {
+        const int64_t own = first_own_tile_row(p, b);
+        for (int64_t t = p->q_len - 1; t >= own; t--)
+            for (int64_t h = 0; h < p->kv_heads; h++) ap.tiles[n++] = (lampe_attn_tile){b, h, t, t + 1};
+        for (int64_t t0 = (own - 1) / bq * bq; own > 0 && t0 >= 0; t0 -= bq)
+            for (int64_t h = 0; h < p->kv_heads; h++)
+                ap.tiles[n++] = (lampe_attn_tile){b, h, t0, t0 + bq < own ? t0 + bq : own};
+    }
+
+    int nth = lampe_resolve_threads(p->num_threads);
+    const int64_t flops = p->batch * p->q_heads * p->q_len * p->kv_len * p->head_dim;
+    if (flops < (1 << 16)) nth = 1;
+    /* Split-KV: too few tiles to feed the threads and enough keys to share. */
+    ap.nchunks = 1;
+    if (nth > 1 && n_tiles < 2 * nth && p->kv_len >= 4 * LAMPE_ATTN_BK) {
+        int64_t c = (2 * nth + n_tiles - 1) / n_tiles;
+        ap.nchunks = (int32_t)(c > 16 ? 16 : c);
+    }
+    const int64_t D = p->head_dim, Mp = ap.max_rows + LAMPE_ATTN_ROW_PAD;
+    ap.scratch_floats = 3 * Mp * D + 2 * D * LAMPE_ATTN_BK + Mp * LAMPE_ATTN_BK + Mp * D + 3 * Mp + 3 * D + 16;
+    int rc = LAMPE_OK;
+    if (ap.nchunks > 1) {
+        const size_t items = (size_t)(n_tiles * ap.nchunks);
+        ap.part_o = (float *)malloc(items * (size_t)(ap.max_rows * D) * 4);
+        ap.part_ml = (float *)malloc(items * (size_t)ap.max_rows * 2 * 4);
+        if (!ap.part_o || !ap.part_ml) rc = LAMPE_ERR_NOMEM;
+    }
+    if (rc == LAMPE_OK) {
+        atomic_init(&ap.next, 0);
+        lampe_parallel_run(nth, attn_task, &ap);
+        if (atomic_load(&ap.next) > n_tiles * ap.nchunks + (1LL << 39)) rc = LAMPE_ERR_NOMEM;
+    }
+    if (rc == LAMPE_OK && ap.nchunks > 1) {
+        merge_job job;
+        job.ap = &ap;
+        atomic_init(&job.next, 0);
+        lampe_parallel_run(nth, merge_task, &job);
+    }
+    free(ap.part_o);
+    free(ap.part_ml);
+    free(ap.tiles);
+    return rc;
+}

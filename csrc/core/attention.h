@@ -1,0 +1,31 @@
+/* Internal: the work decomposition shared by the attention driver and the per-ISA bodies. */
+#ifndef LAMPE_ATTENTION_H
+#define LAMPE_ATTENTION_H
+
+#include <stdatomic.h>
+
+#include "internal.h"
+
+#define LAMPE_ATTN_BK 64      /* keys per block                                */
+#define LAMPE_ATTN_MAX_BQ 64  /* query positions per tile                      */
+#define LAMPE_ATTN_ROW_PAD 8  /* rows added so any micro-kernel height fits    */
+
+typedef struct lampe_attn_tile {
+    int64_t b, kvh, t0, t1; /* query rows t0..t1-1 of batch b, all heads of KV head kvh */
+} lampe_attn_tile;
+
+typedef struct lampe_attn_plan {
+    const lampe_attn_params *p;
+    int64_t group;      /* Hq / Hkv                                   */
+    int64_t max_rows;   /* group * max positions per tile             */
+    int64_t n_tiles;
+    lampe_attn_tile *tiles;
+    int32_t nchunks;    /* key chunks per tile (split-KV); 1: no split */
+    float *part_o;      /* [n_tiles * nchunks][max_rows][Dh] when nchunks > 1 */
+    float *part_ml;     /* [n_tiles * nchunks][max_rows][2] (max, sum) in log2 units */
+    int64_t scratch_floats;
+    const lampe_kernels *kern;
+    atomic_llong next;
+} lampe_attn_plan;
+
+#endif

@@ -1,0 +1,8 @@
+/* The avx2 kernels: the shared bodies compiled with this unit's ISA flags (see setup.py). */
+#define LAMPE_LEVEL 1
+#include "../core/internal.h"
+#include "simd.h"
+#include "rope_impl.h"
+#include "attn_impl.h"
+
+const lampe_kernels lampe_kernels_avx2 = {LAMPE_ISA_AVX2, rope_tokens, attn_item};

@@ -1,0 +1,109 @@
+"""LampeConfig: the user-facing settings of LaMPE, validated on construction."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Optional, Union
+
+from . import _C
+
+#: The authors' RoPE amplitude s = 1 + 0.1 ln 2: every logit of a LaMPE row is scaled by s^2.
+DEFAULT_TEMPERATURE = 1.0 + 0.1 * math.log(2.0)
+#: Mapping-length presets with the authors' scaled-sigmoid constants (spec §4).
+PRESETS = ("llama2", "llama3", "mistral", "llama3.1")
+MODES = ("reference",)
+DECODES = ("shifted", "reference")
+MAX_LENGTH = _C.MAX_LENGTH
+
+
+def _check_int(name, value, minimum=1, maximum=MAX_LENGTH):
+    if isinstance(value, bool) or not isinstance(value, (int,)) and not hasattr(value, "__index__"):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class LampeConfig:
+    """Settings of LaMPE attention.
+
+    window: H, the local window that keeps true positions (spec §2.1: H + 1 keys in prompt rows).
+    sink: T, the requested sink ("tail"); the planner extends it to the end of its chunk (R).
+    mapping_length: U as an int, a preset name ("llama2", "llama3", "mistral", "llama3.1") whose
+        scaled sigmoid picks U from the prompt length, or "auto" (the generic rule scaled from
+        ``pretrained_window``; see docs/mapping_length.md).
+    mode: "reference" reproduces the authors' prefill, duplicated boundary keys included.
+    temperature: the RoPE amplitude s (cos and sin are multiplied by s; logits by s^2).
+    decode: "shifted" (lampe's exact partition for every row after the prompt, spec §0) or
+        "reference" (the authors' kpos = m[j]; only ``Plan.table``/``regions`` support it and only
+        for the first ``window`` steps).
+    active_from: used by model patching: LaMPE runs only once the total length exceeds it;
+        None means "whenever L >= 2H".
+    pretrained_window: the model's pretraining context, needed by mapping_length="auto".
+    """
+
+    window: int = 512
+    sink: int = 200
+    mapping_length: Union[int, str] = 1536
+    mode: str = "reference"
+    temperature: float = DEFAULT_TEMPERATURE
+    decode: str = "shifted"
+    active_from: Optional[int] = None
+    pretrained_window: Optional[int] = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "window", _check_int("window", self.window))
+        object.__setattr__(self, "sink", _check_int("sink", self.sink))
+        u = self.mapping_length
+        if isinstance(u, str):
+            if u not in PRESETS and u != "auto":
+                raise ValueError(f"mapping_length: unknown preset {u!r}; expected an int, one of {PRESETS} or 'auto'")
+        else:
+            object.__setattr__(self, "mapping_length", _check_int("mapping_length", u))
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.decode not in DECODES:
+            raise ValueError(f"decode must be one of {DECODES}, got {self.decode!r}")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
+            raise TypeError(f"temperature must be a float, got {type(self.temperature).__name__}")
+        t = float(self.temperature)
+        if not (math.isfinite(t) and t > 0):
+            raise ValueError(f"temperature must be a finite positive number, got {self.temperature}")
+        object.__setattr__(self, "temperature", t)
+        if self.active_from is not None:
+            object.__setattr__(self, "active_from", _check_int("active_from", self.active_from, minimum=0))
+        if self.pretrained_window is not None:
+            object.__setattr__(self, "pretrained_window",
+                               _check_int("pretrained_window", self.pretrained_window, minimum=16))
+
+    def mapping_length_for(self, length: int) -> int:
+        """The mapping length U this config uses for a prompt of ``length`` tokens."""
+        u = self.mapping_length
+        if isinstance(u, int):
+            return u
+        if u == "auto":
+            if self.pretrained_window is None:
+                raise ValueError("mapping_length='auto' needs pretrained_window (the model's pretraining context)")
+            return mapping_length(length, "auto", pretrained_window=self.pretrained_window)
+        return mapping_length(length, u)
+
+    def replace(self, **changes) -> "LampeConfig":
+        return replace(self, **changes)
+
+
+def mapping_length(length: int, preset: str, pretrained_window: Optional[int] = None) -> int:
+    """U for a prompt of ``length`` tokens under a scaled-sigmoid preset (spec §4), or "auto"."""
+    length = _check_int("length", length)
+    if not isinstance(preset, str):
+        raise TypeError(f"preset must be a str, got {type(preset).__name__}")
+    if preset == "auto":
+        if pretrained_window is None:
+            raise ValueError("preset 'auto' needs pretrained_window")
+        return _C.mapping_length(length, preset, _check_int("pretrained_window", pretrained_window, minimum=16))
+    if preset not in PRESETS:
+        raise ValueError(f"preset: unknown preset {preset!r}; expected one of {PRESETS} or 'auto'")
+    return _C.mapping_length(length, preset)

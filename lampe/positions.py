@@ -1,0 +1,212 @@
+"""The position plan of one prompt: mapped ids, extended sink, offsets and per-row regions.
+
+All arithmetic happens in the C planner (csrc/core/positions.c); this module only shapes its
+answers for Python. Section numbers (§) refer to lampe-spec.md.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Iterable, NamedTuple, Optional
+
+import numpy as np
+
+from . import _C
+from .config import LampeConfig
+
+REGION_NAMES = ("local", "map", "sink", "full")
+_DECODE_CODES = {"shifted": 0, "reference": 1}
+#: plan.table() refuses to build more entries than this.
+MAX_TABLE_ENTRIES = 10**7
+
+TABLE_DTYPE = np.dtype([("query", np.int64), ("key", np.int64), ("region", "U5"), ("qpos", np.int64),
+                        ("kpos", np.int64)])
+
+
+class Region(NamedTuple):
+    """Keys key_lo..key_hi (inclusive) of one query, seen from query position ``qpos``;
+    ``kpos[j - key_lo]`` is key j's position. ``mapped``/``shift``: kpos = m[j - shift] if mapped."""
+
+    name: str
+    key_lo: int
+    key_hi: int
+    qpos: int
+    kpos: np.ndarray
+    mapped: bool
+    shift: int
+
+
+class Plan:
+    """A LaMPE plan for a prompt of ``length`` tokens (made by :func:`plan`)."""
+
+    __slots__ = ("length", "window", "sink", "mapping_length", "mode", "decode", "mapped_ids", "sink_size",
+                 "bias_map", "bias_sink", "fallback", "_ctuple")
+
+    def __init__(self, length, window, sink, mapping_length, mode, decode, mapped_ids, R, b1, b2, fallback):
+        self.length = int(length)
+        self.window = int(window)
+        self.sink = int(sink)
+        self.mapping_length = int(mapping_length)
+        self.mode = mode
+        self.decode = decode
+        mapped_ids.setflags(write=False)
+        self.mapped_ids = mapped_ids
+        self.sink_size = int(R)
+        self.bias_map = int(b1)
+        self.bias_sink = int(b2)
+        self.fallback = bool(fallback)
+        self._ctuple = (mapped_ids, self.length, self.window, self.sink, self.mapping_length, self.sink_size,
+                        self.bias_map, self.bias_sink, int(self.fallback), _DECODE_CODES[decode])
+
+    def __repr__(self):
+        return (f"Plan(length={self.length}, window={self.window}, sink={self.sink}, "
+                f"mapping_length={self.mapping_length}, sink_size={self.sink_size}, bias_map={self.bias_map}, "
+                f"bias_sink={self.bias_sink}, fallback={self.fallback}, decode={self.decode!r})")
+
+    # ------------------------------------------------------------------ queries
+
+    def _raw(self, positions) -> np.ndarray:
+        pos = np.asarray(positions)
+        if pos.dtype.kind not in "iu":
+            raise TypeError(f"positions must be integers, got dtype {pos.dtype}")
+        pos = np.ascontiguousarray(pos.reshape(-1), dtype=np.int64)
+        return _C.regions(self._ctuple, pos)
+
+    def _kpos(self, mapped, shift, lo, hi):
+        keys = np.arange(lo, hi + 1, dtype=np.int64)
+        return self.mapped_ids[keys - shift] if mapped else keys
+
+    def regions(self, position: int) -> list:
+        """The regions of the query at ``position``: a prompt row if position < length, else a row
+        after the prompt (spec §0). Each is a :class:`Region`; empty regions are left out."""
+        if isinstance(position, bool) or not hasattr(position, "__index__"):
+            raise TypeError(f"position must be an int, got {type(position).__name__}")
+        raw = self._raw([int(position)])[0]
+        out = []
+        for kind, mapped, lo, hi, qpos, shift in raw.tolist():
+            if kind < 0:
+                continue
+            out.append(Region(REGION_NAMES[kind], lo, hi, qpos, self._kpos(mapped, shift, lo, hi), bool(mapped),
+                              shift))
+        return out
+
+    def table(self, queries: Optional[Iterable[int]] = None) -> np.ndarray:
+        """Every (query, key) visit as a structured array with fields query, key, region, qpos, kpos,
+        ordered by query, then region (local, map, sink, full), then key. A key seen by two regions
+        appears twice. Default: all prompt rows."""
+        if queries is None:
+            qs = np.arange(self.length, dtype=np.int64)
+        else:
+            qs = np.asarray(list(queries) if not isinstance(queries, np.ndarray) else queries)
+            if qs.size and qs.dtype.kind not in "iu":
+                raise TypeError(f"queries must be integers, got dtype {qs.dtype}")
+            qs = qs.astype(np.int64).reshape(-1)
+        # Count before building: refuse a table that would not fit comfortably in memory.
+        est = float(np.sum(qs.astype(np.float64) + 3))  # a row sees at most p + 1 keys, 2 twice
+        if est > 2 * MAX_TABLE_ENTRIES:
+            raise ValueError(f"plan.table would hold about {est} entries (more than {MAX_TABLE_ENTRIES}); "
+                             "pass fewer queries or use plan.regions()")
+        raw = self._raw(qs)  # [n, 3, 6]
+        kind = raw[:, :, 0]
+        present = kind >= 0
+        lo, hi = raw[:, :, 2], raw[:, :, 3]
+        counts = np.where(present, hi - lo + 1, 0)
+        total = int(counts.sum())
+        if total > MAX_TABLE_ENTRIES:
+            raise ValueError(f"plan.table would hold {total} entries (more than {MAX_TABLE_ENTRIES}); "
+                             "pass fewer queries or use plan.regions()")
+        seg = counts.reshape(-1)
+        keep = seg > 0
+        seg = seg[keep]
+        flat = raw.reshape(-1, 6)[keep]
+        qrep = np.repeat(qs, LAMPE_MAX_REGIONS)[keep]
+        out = np.empty(total, dtype=TABLE_DTYPE)
+        starts = np.repeat(np.cumsum(seg) - seg, seg)
+        within = np.arange(total, dtype=np.int64) - starts
+        key = np.repeat(flat[:, 2], seg) + within
+        mapped = np.repeat(flat[:, 1], seg).astype(bool)
+        shift = np.repeat(flat[:, 5], seg)
+        kpos = key.copy()
+        if mapped.any():
+            kpos[mapped] = self.mapped_ids[key[mapped] - shift[mapped]]
+        out["query"] = np.repeat(qrep, seg)
+        out["key"] = key
+        out["region"] = np.asarray(REGION_NAMES)[np.repeat(flat[:, 0], seg)]
+        out["qpos"] = np.repeat(flat[:, 4], seg)
+        out["kpos"] = kpos
+        return out
+
+
+LAMPE_MAX_REGIONS = 3
+
+
+@functools.lru_cache(maxsize=128)
+def _plan_cached(length: int, config: LampeConfig) -> Plan:
+    u = config.mapping_length_for(length)
+    m, R, b1, b2, fb = _C.plan(length, config.window, config.sink, u, _DECODE_CODES[config.decode])
+    return Plan(length, config.window, config.sink, u, config.mode, config.decode, m, R, b1, b2, fb)
+
+
+def plan(length: int, config: Optional[LampeConfig] = None) -> Plan:
+    """Plan LaMPE for a prompt of ``length`` tokens (spec §1-§2). Plans are cached and immutable.
+
+    Raises ValueError naming ``sink`` when L >= 2H and the extended sink R falls outside
+    [1, L - window], and for lengths above 2^24."""
+    if config is None:
+        config = LampeConfig()
+    if not isinstance(config, LampeConfig):
+        raise TypeError(f"config must be a LampeConfig, got {type(config).__name__}")
+    if isinstance(length, bool) or not hasattr(length, "__index__"):
+        raise TypeError(f"length must be an int, got {type(length).__name__}")
+    length = int(length)
+    if length < 1:
+        raise ValueError(f"length must be >= 1, got {length}")
+    if length > _C.MAX_LENGTH:
+        raise ValueError(f"length {length} is above the supported maximum 2^24 (the float32 mapping recipe is "
+                         "exact only up to 2^24)")
+    return _plan_cached(length, config)
+
+
+def batch_layout(batch: int, q_len: int, kv_len: int, prompt_length=None, key_padding_mask=None):
+    """Per-row key offsets (left pads) and prompt lengths in each row's own positions.
+
+    Queries are the last ``q_len`` of ``kv_len`` positions (bottom-right aligned). A row is a
+    prompt row iff its tensor index < prompt_length; a left-padded row counts positions from its
+    first valid key, so its own prompt length is prompt_length minus its pads. Shared by the
+    reference and the kernels so both read the same arguments the same way."""
+    if q_len > kv_len:
+        raise ValueError(f"q has more positions ({q_len}) than k ({kv_len}); queries are the last Lq positions")
+    if prompt_length is None:
+        pl = np.full(batch, kv_len, dtype=np.int64)
+    else:
+        if hasattr(prompt_length, "detach"):
+            prompt_length = prompt_length.detach().to("cpu").numpy()
+        arr = np.asarray(prompt_length)
+        if arr.dtype.kind not in "iu" or arr.ndim > 1:
+            raise TypeError(f"prompt_length must be an int or an int64 array [B], got {arr.dtype} {arr.shape}")
+        if arr.ndim == 1 and arr.shape[0] != batch:
+            raise ValueError(f"prompt_length must have B = {batch} entries, got {arr.shape[0]}")
+        pl = np.broadcast_to(arr.astype(np.int64), (batch,)).copy()
+        if np.any(pl < 1):
+            raise ValueError(f"prompt_length must be >= 1, got {pl.min()}")
+        if np.any(pl > kv_len):
+            raise ValueError(f"prompt_length ({pl.max()}) must not exceed the number of keys ({kv_len})")
+    if key_padding_mask is None:
+        off = np.zeros(batch, dtype=np.int64)
+    else:
+        if hasattr(key_padding_mask, "detach"):
+            key_padding_mask = key_padding_mask.detach().to("cpu").numpy()
+        m = np.asarray(key_padding_mask)
+        if m.dtype != np.bool_:
+            raise TypeError(f"key_padding_mask must be boolean (True = valid key), got dtype {m.dtype}")
+        if m.shape != (batch, kv_len):
+            raise ValueError(f"key_padding_mask must have shape [B, Lk] = [{batch}, {kv_len}], got {m.shape}")
+        off = (~m).sum(axis=1).astype(np.int64)
+        left = np.arange(kv_len)[None, :] >= off[:, None]
+        if not np.array_equal(left, m):
+            raise ValueError("key_padding_mask must be left padding only: each row is False...False then True...True")
+    own = pl - off
+    bad = (off < kv_len) & (own < 1)
+    if np.any(bad):
+        b = int(np.argmax(bad))
+        raise ValueError(f"prompt_length[{b}] = {pl[b]} does not exceed the {off[b]} padded keys of that row")
+    return off, own
