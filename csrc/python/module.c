@@ -47,6 +47,10 @@ static int check_array(PyObject *o, const char *name, int type, int ndim, PyArra
         PyErr_Format(PyExc_ValueError, "%s must have %d dimensions, got %d", name, ndim, PyArray_NDIM(a));
         return 0;
     }
+    if (PyArray_SIZE(a) == 0) { /* NumPy gives empty arrays zero strides: nothing to check or touch */
+        *out = a;
+        return 1;
+    }
     if (!PyArray_ISALIGNED(a)) {
         PyErr_Format(PyExc_ValueError, "%s must be aligned", name);
         return 0;
