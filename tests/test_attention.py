@@ -168,7 +168,7 @@ def test_attention_errors(rng):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss semantics (KiB) are Linux's")
-def test_long_prompt_memory_is_linear():
+def test_long_prompt_memory_is_linear(tmp_path):
     """L = 65536 float32, one head, Dh = 128: an L x L score matrix would need 16 GiB."""
     code = r"""
 import resource, numpy as np, lampe
@@ -184,8 +184,10 @@ after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 assert np.isfinite(out).all()
 print((after - before) / 1024)
 """
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900,
-                         env=dict(os.environ))
+    # Run away from the source tree so the child imports the same (built) lampe as this process.
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(lampe.__file__))))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env,
+                         cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     growth_mib = float(res.stdout.strip().splitlines()[-1])
     assert growth_mib < 512, f"peak RSS grew by {growth_mib:.0f} MiB"
