@@ -10,26 +10,60 @@
 #include "attention.h"
 #include "../cpu/convert.h"
 
+typedef struct {
+    lampe_attn_plan *ap;
+    int pack;               /* 1: panel blocks, 0: attention items */
+    int64_t lo, hi;         /* item range of this phase            */
+    atomic_llong next;
+    atomic_int failed;
+} attn_phase;
+
 static void attn_task(void *ctx, int tid, int nth)
 {
     (void)tid;
     (void)nth;
-    lampe_attn_plan *ap = (lampe_attn_plan *)ctx;
-    const int64_t n_items = ap->n_tiles * ap->nchunks;
+    attn_phase *ph = (attn_phase *)ctx;
+    lampe_attn_plan *ap = ph->ap;
     float *scratch = NULL;
     for (;;) {
-        const int64_t item = atomic_fetch_add(&ap->next, 1);
-        if (item >= n_items) break;
+        const int64_t item = ph->lo + atomic_fetch_add(&ph->next, 1);
+        if (item >= ph->hi) break;
         if (!scratch) {
             scratch = (float *)aligned_alloc(64, ((size_t)ap->scratch_floats * 4 + 63) / 64 * 64);
-            if (!scratch) { /* leave the item for nobody: report through the sentinel */
-                atomic_store(&ap->next, n_items + 1 + (1LL << 40));
+            if (!scratch) {
+                atomic_store(&ph->failed, 1);
+                atomic_store(&ph->next, ph->hi - ph->lo + (1LL << 40)); /* stop everyone */
                 break;
             }
         }
-        ap->kern->attn_item(ap, item, scratch);
+        if (ph->pack)
+            ap->kern->attn_pack(ap, item, scratch);
+        else
+            ap->kern->attn_item(ap, item, scratch);
     }
     free(scratch);
+}
+
+static int run_phase(lampe_attn_plan *ap, int nth, int pack, int64_t lo, int64_t hi)
+{
+    if (hi <= lo) return LAMPE_OK;
+    attn_phase ph;
+    ph.ap = ap;
+    ph.pack = pack;
+    ph.lo = lo;
+    ph.hi = hi;
+    atomic_init(&ph.next, 0);
+    atomic_init(&ph.failed, 0);
+    if (nth > hi - lo) nth = (int)(hi - lo);
+    lampe_parallel_run(nth, attn_task, &ph);
+    return atomic_load(&ph.failed) ? LAMPE_ERR_NOMEM : LAMPE_OK;
+}
+
+/* Rows whose tiles read prefill panels: prompt rows when they make at least two tiles. */
+static int64_t panel_rows(const lampe_attn_params *p, int64_t b, int64_t own, int64_t bq)
+{
+    if (p->seqs[b].key_offset >= p->kv_len) return 0;
+    return own >= 2 * bq ? own : 0;
 }
 
 static void store_row(const lampe_attn_params *p, int64_t b, int64_t h, int64_t t, const float *o, float *tmp)
@@ -149,17 +183,34 @@ int lampe_attention(const lampe_attn_params *p)
     ap.max_rows = G * bq;
     ap.n_tiles = n_tiles;
     ap.kern = lampe_kernels_active();
+    ap.nblk = (p->kv_len + LAMPE_ATTN_BK - 1) / LAMPE_ATTN_BK;
     ap.tiles = (lampe_attn_tile *)malloc((size_t)n_tiles * sizeof(lampe_attn_tile));
     if (!ap.tiles) return LAMPE_ERR_NOMEM;
-    /* Later query tiles see more keys: list them first so the dynamic claim balances. */
-    int64_t n = 0;
+    /* Order: per batch row, its panel tiles (run right after that row's panels are packed);
+     * then every other tile. Within a group later query tiles come first (they see more keys),
+     * so the dynamic claim balances. */
+    int64_t n = 0, any_panels = 0;
+    int64_t *group_end = (int64_t *)calloc((size_t)p->batch + 1, sizeof(int64_t));
+    if (!group_end) {
+        free(ap.tiles);
+        return LAMPE_ERR_NOMEM;
+    }
     for (int64_t b = 0; b < p->batch; b++) {
-        const int64_t own = first_own_tile_row(p, b);
-        for (int64_t t = p->q_len - 1; t >= own; t--)
-            for (int64_t h = 0; h < p->kv_heads; h++) ap.tiles[n++] = (lampe_attn_tile){b, h, t, t + 1};
-        for (int64_t t0 = (own - 1) / bq * bq; own > 0 && t0 >= 0; t0 -= bq)
+        const int64_t own = first_own_tile_row(p, b), pr = panel_rows(p, b, own, bq);
+        for (int64_t t0 = (pr - 1) / bq * bq; pr > 0 && t0 >= 0; t0 -= bq)
             for (int64_t h = 0; h < p->kv_heads; h++)
-                ap.tiles[n++] = (lampe_attn_tile){b, h, t0, t0 + bq < own ? t0 + bq : own};
+                ap.tiles[n++] = (lampe_attn_tile){b, h, t0, t0 + bq < pr ? t0 + bq : pr, 1};
+        any_panels |= pr > 0;
+        group_end[b] = n;
+    }
+    for (int64_t b = 0; b < p->batch; b++) {
+        const int64_t own = first_own_tile_row(p, b), pr = panel_rows(p, b, own, bq);
+        for (int64_t t = p->q_len - 1; t >= own; t--)
+            for (int64_t h = 0; h < p->kv_heads; h++) ap.tiles[n++] = (lampe_attn_tile){b, h, t, t + 1, 0};
+        if (pr == 0)
+            for (int64_t t0 = (own - 1) / bq * bq; own > 0 && t0 >= 0; t0 -= bq)
+                for (int64_t h = 0; h < p->kv_heads; h++)
+                    ap.tiles[n++] = (lampe_attn_tile){b, h, t0, t0 + bq < own ? t0 + bq : own, 0};
     }
 
     int nth = lampe_resolve_threads(p->num_threads);
@@ -172,7 +223,8 @@ int lampe_attention(const lampe_attn_params *p)
         ap.nchunks = (int32_t)(c > 16 ? 16 : c);
     }
     const int64_t D = p->head_dim, Mp = ap.max_rows + LAMPE_ATTN_ROW_PAD;
-    ap.scratch_floats = 3 * Mp * D + 2 * D * LAMPE_ATTN_BK + Mp * LAMPE_ATTN_BK + Mp * D + 3 * Mp + 3 * D + 16;
+    /* Qs[3], Kp, Vb, S, O, m, l, cos, sin, row, active, Qd: see attn_item */
+    ap.scratch_floats = 3 * Mp * D + 2 * D * LAMPE_ATTN_BK + Mp * LAMPE_ATTN_BK + 2 * Mp * D + 3 * Mp + 3 * D + 16;
     int rc = LAMPE_OK;
     if (ap.nchunks > 1) {
         const size_t items = (size_t)(n_tiles * ap.nchunks);
@@ -180,17 +232,37 @@ int lampe_attention(const lampe_attn_params *p)
         ap.part_ml = (float *)malloc(items * (size_t)ap.max_rows * 2 * 4);
         if (!ap.part_o || !ap.part_ml) rc = LAMPE_ERR_NOMEM;
     }
-    if (rc == LAMPE_OK) {
-        atomic_init(&ap.next, 0);
-        lampe_parallel_run(nth, attn_task, &ap);
-        if (atomic_load(&ap.next) > n_tiles * ap.nchunks + (1LL << 39)) rc = LAMPE_ERR_NOMEM;
+    if (rc == LAMPE_OK && any_panels) {
+        const size_t panel = (size_t)(p->kv_heads * ap.nblk) * (size_t)(D * LAMPE_ATTN_BK);
+        ap.panel_id = (float *)malloc(panel * 4);
+        ap.panel_map = (float *)malloc(panel * 4);
+        if (p->dtype != LAMPE_F32) ap.vconv = (float *)malloc((size_t)(p->kv_heads * p->kv_len * D) * 4);
+        if (!ap.panel_id || !ap.panel_map || (p->dtype != LAMPE_F32 && !ap.vconv)) rc = LAMPE_ERR_NOMEM;
     }
+    const int64_t C = ap.nchunks, per_kind = p->kv_heads * ap.nblk;
+    int64_t start = 0;
+    for (int64_t b = 0; b < p->batch && rc == LAMPE_OK; b++) {
+        if (group_end[b] == start) continue;
+        ap.panel_b = b;
+        /* kinds: 0 keys at true positions, 1 keys at mapped positions, 2 values as float32 */
+        const int mapped = p->seqs[b].plan && !p->seqs[b].plan->fallback;
+        rc = run_phase(&ap, nth, 1, 0, per_kind);
+        if (rc == LAMPE_OK && mapped) rc = run_phase(&ap, nth, 1, per_kind, 2 * per_kind);
+        if (rc == LAMPE_OK && ap.vconv) rc = run_phase(&ap, nth, 1, 2 * per_kind, 3 * per_kind);
+        if (rc == LAMPE_OK) rc = run_phase(&ap, nth, 0, start * C, group_end[b] * C);
+        start = group_end[b];
+    }
+    if (rc == LAMPE_OK) rc = run_phase(&ap, nth, 0, start * C, n_tiles * C);
     if (rc == LAMPE_OK && ap.nchunks > 1) {
         merge_job job;
         job.ap = &ap;
         atomic_init(&job.next, 0);
         lampe_parallel_run(nth, merge_task, &job);
     }
+    free(group_end);
+    free(ap.panel_id);
+    free(ap.panel_map);
+    free(ap.vconv);
     free(ap.part_o);
     free(ap.part_ml);
     free(ap.tiles);

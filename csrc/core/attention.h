@@ -12,6 +12,7 @@
 
 typedef struct lampe_attn_tile {
     int64_t b, kvh, t0, t1; /* query rows t0..t1-1 of batch b, all heads of KV head kvh */
+    int64_t panel;          /* 1: prompt rows reading the prefill panels of batch row b  */
 } lampe_attn_tile;
 
 typedef struct lampe_attn_plan {
@@ -24,8 +25,12 @@ typedef struct lampe_attn_plan {
     float *part_o;      /* [n_tiles * nchunks][max_rows][Dh] when nchunks > 1 */
     float *part_ml;     /* [n_tiles * nchunks][max_rows][2] (max, sum) in log2 units */
     int64_t scratch_floats;
+    /* Prefill panels: every key rotated once per call instead of once per query tile. Keys at
+     * true positions and at mapped positions m[j], as [Hkv][nblk][D][BK] float32, for batch row
+     * panel_b; vconv holds float32 values [Hkv][Lk][D] when the inputs are 16-bit. */
+    int64_t nblk, panel_b;
+    float *panel_id, *panel_map, *vconv;
     const lampe_kernels *kern;
-    atomic_llong next;
 } lampe_attn_plan;
 
 #endif

@@ -23,6 +23,8 @@ typedef struct lampe_kernels {
     void (*rope_tokens)(const lampe_rope_params *p, int64_t t0, int64_t t1, float *scratch);
     /* One attention work item (a query tile, or one key chunk of it). */
     void (*attn_item)(const struct lampe_attn_plan *ap, int64_t item, float *scratch);
+    /* One block of the prefill panels (see attention.h); scratch holds 3 * head_dim floats. */
+    void (*attn_pack)(const struct lampe_attn_plan *ap, int64_t item, float *scratch);
 } lampe_kernels;
 
 const lampe_kernels *lampe_kernels_active(void);

@@ -50,65 +50,75 @@ static inline void qk_block(const float *Q, int64_t D, const float *Kp, float *S
     }
 }
 
-/* O0 += P0 . V and O1 += P1 . V over nk keys (V rows of D floats); O1 may be NULL. */
-static inline void pv_rows(const float *P0, const float *P1, const float *V, int64_t D, int64_t nk,
-                           float *O0, float *O1)
+/* O[r][d0:d0+2VW] += P[r] . V[:, d0:d0+2VW] for 4 rows over nk keys (V rows ldv floats apart). */
+static inline void pv4_chunk(float *const *P, float *const *O, const float *V, int64_t ldv, int64_t d0, int64_t nk)
+{
+    vf a[4][2];
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; r++) a[r][0] = v_load(O[r] + d0), a[r][1] = v_load(O[r] + d0 + VW);
+    const float *vr = V + d0;
+    for (int64_t j = 0; j < nk; j++, vr += ldv) {
+        const vf v0 = v_load(vr), v1 = v_load(vr + VW);
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++) {
+            const vf p = v_set1(P[r][j]);
+            a[r][0] = v_fma(p, v0, a[r][0]);
+            a[r][1] = v_fma(p, v1, a[r][1]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; r++) v_store(O[r] + d0, a[r][0]), v_store(O[r] + d0 + VW, a[r][1]);
+}
+
+static inline void pv1(const float *P, float *O, const float *V, int64_t ldv, int64_t D, int64_t nk);
+
+/* O[r] += P[r] . V for the active rows. The d-chunk loop is outermost so each V column slab
+ * (nk x 2VW floats) stays in L1 while every row group uses it. */
+static inline void pv_rows(const float *S, float *O, const int32_t *active, int64_t nact, const float *V, int64_t ldv,
+                           int64_t D, int64_t nk)
+{
+    const int64_t n4 = nact / 4 * 4, Dv = D / (2 * VW) * (2 * VW);
+    for (int64_t d0 = 0; d0 < Dv; d0 += 2 * VW)
+        for (int64_t a = 0; a < n4; a += 4) {
+            float *Pr[4], *Or[4];
+            for (int i = 0; i < 4; i++) Pr[i] = (float *)S + active[a + i] * BK, Or[i] = O + active[a + i] * D;
+            pv4_chunk(Pr, Or, V, ldv, d0, nk);
+        }
+    if (Dv < D) /* head dims that are not a multiple of 2VW: the rest, row by row */
+        for (int64_t a = 0; a < n4; a++) {
+            const float *Pr = S + active[a] * BK;
+            float *Or = O + active[a] * D;
+            for (int64_t d = Dv; d < D; d++) {
+                float acc = Or[d];
+                for (int64_t j = 0; j < nk; j++) acc += Pr[j] * V[j * ldv + d];
+                Or[d] = acc;
+            }
+        }
+    for (int64_t a = n4; a < nact; a++) pv1(S + active[a] * BK, O + active[a] * D, V, ldv, D, nk);
+}
+
+static inline void pv1(const float *P, float *O, const float *V, int64_t ldv, int64_t D, int64_t nk)
 {
     int64_t d = 0;
-    if (O1) {
-        for (; d + 4 * VW <= D; d += 4 * VW) {
-            vf a0 = v_load(O0 + d), a1 = v_load(O0 + d + VW), a2 = v_load(O0 + d + 2 * VW), a3 = v_load(O0 + d + 3 * VW);
-            vf b0 = v_load(O1 + d), b1 = v_load(O1 + d + VW), b2 = v_load(O1 + d + 2 * VW), b3 = v_load(O1 + d + 3 * VW);
-            for (int64_t j = 0; j < nk; j++) {
-                const float *vr = V + j * D + d;
-                const vf v0 = v_load(vr), v1 = v_load(vr + VW), v2 = v_load(vr + 2 * VW), v3 = v_load(vr + 3 * VW);
-                const vf p = v_set1(P0[j]), q = v_set1(P1[j]);
-                a0 = v_fma(p, v0, a0); a1 = v_fma(p, v1, a1); a2 = v_fma(p, v2, a2); a3 = v_fma(p, v3, a3);
-                b0 = v_fma(q, v0, b0); b1 = v_fma(q, v1, b1); b2 = v_fma(q, v2, b2); b3 = v_fma(q, v3, b3);
-            }
-            v_store(O0 + d, a0); v_store(O0 + d + VW, a1); v_store(O0 + d + 2 * VW, a2); v_store(O0 + d + 3 * VW, a3);
-            v_store(O1 + d, b0); v_store(O1 + d + VW, b1); v_store(O1 + d + 2 * VW, b2); v_store(O1 + d + 3 * VW, b3);
-        }
-        for (; d + VW <= D; d += VW) {
-            vf a = v_load(O0 + d), b = v_load(O1 + d);
-            for (int64_t j = 0; j < nk; j++) {
-                const vf v = v_load(V + j * D + d);
-                a = v_fma(v_set1(P0[j]), v, a);
-                b = v_fma(v_set1(P1[j]), v, b);
-            }
-            v_store(O0 + d, a);
-            v_store(O1 + d, b);
-        }
-        for (; d < D; d++) {
-            float a = O0[d], b = O1[d];
-            for (int64_t j = 0; j < nk; j++) {
-                a += P0[j] * V[j * D + d];
-                b += P1[j] * V[j * D + d];
-            }
-            O0[d] = a;
-            O1[d] = b;
-        }
-        return;
-    }
     for (; d + 4 * VW <= D; d += 4 * VW) {
-        vf a0 = v_load(O0 + d), a1 = v_load(O0 + d + VW), a2 = v_load(O0 + d + 2 * VW), a3 = v_load(O0 + d + 3 * VW);
-        for (int64_t j = 0; j < nk; j++) {
-            const float *vr = V + j * D + d;
-            const vf p = v_set1(P0[j]);
+        vf a0 = v_load(O + d), a1 = v_load(O + d + VW), a2 = v_load(O + d + 2 * VW), a3 = v_load(O + d + 3 * VW);
+        const float *vr = V + d;
+        for (int64_t j = 0; j < nk; j++, vr += ldv) {
+            const vf p = v_set1(P[j]);
             a0 = v_fma(p, v_load(vr), a0); a1 = v_fma(p, v_load(vr + VW), a1);
             a2 = v_fma(p, v_load(vr + 2 * VW), a2); a3 = v_fma(p, v_load(vr + 3 * VW), a3);
         }
-        v_store(O0 + d, a0); v_store(O0 + d + VW, a1); v_store(O0 + d + 2 * VW, a2); v_store(O0 + d + 3 * VW, a3);
+        v_store(O + d, a0); v_store(O + d + VW, a1); v_store(O + d + 2 * VW, a2); v_store(O + d + 3 * VW, a3);
     }
     for (; d + VW <= D; d += VW) {
-        vf a = v_load(O0 + d);
-        for (int64_t j = 0; j < nk; j++) a = v_fma(v_set1(P0[j]), v_load(V + j * D + d), a);
-        v_store(O0 + d, a);
+        vf a = v_load(O + d);
+        for (int64_t j = 0; j < nk; j++) a = v_fma(v_set1(P[j]), v_load(V + j * ldv + d), a);
+        v_store(O + d, a);
     }
     for (; d < D; d++) {
-        float a = O0[d];
-        for (int64_t j = 0; j < nk; j++) a += P0[j] * V[j * D + d];
-        O0[d] = a;
+        float a = O[d];
+        for (int64_t j = 0; j < nk; j++) a += P[j] * V[j * ldv + d];
+        O[d] = a;
     }
 }
 
@@ -130,6 +140,112 @@ static inline void attn_angles(const lampe_attn_params *p, int64_t pos, float am
         return;
     }
     rope_angles(pos, p->inv_freq, n2, amp, c, s);
+}
+
+/* Rotate one key row by position kpos and store it as column `col` of a [D][BK] panel. */
+static inline void pack_key(const lampe_attn_params *p, const char *src, int64_t kpos, float *col, float *row,
+                            float *cs, float *sn)
+{
+    const int64_t D = p->head_dim;
+    cvt_row_to_f32(p->dtype, src, row, D);
+    attn_angles(p, kpos, 1.0f, cs, sn);
+    rope_row_f32(row, cs, sn, p->rotary_dim / 2, p->layout);
+    for (int64_t d = 0; d < D; d++) col[d * BK] = row[d];
+}
+
+/*
+ * Prefill panels of batch row ap->panel_b: item = (kind, kv head, block), kind 0 keys at their
+ * true positions, 1 keys at mapped positions m[j] (prompt rows), 2 values converted to float32.
+ * Keys no prompt row can see in that rotation are zeros.
+ */
+static void attn_pack(const lampe_attn_plan *ap, int64_t item, float *scratch)
+{
+    const lampe_attn_params *p = ap->p;
+    const int64_t D = p->head_dim, nb = ap->nblk;
+    const int64_t kind = item / (p->kv_heads * nb), rest = item % (p->kv_heads * nb);
+    const int64_t kvh = rest / nb, blk = rest % nb, b = ap->panel_b;
+    const int64_t off = p->seqs[b].key_offset;
+    const lampe_plan *plan = p->seqs[b].plan;
+    const size_t es = dtype_size(p->dtype);
+    const int64_t k0 = blk * BK, k1 = k0 + BK < p->kv_len ? k0 + BK : p->kv_len;
+    float *cs = scratch, *sn = cs + D, *row = sn + D;
+    if (kind == 2) {
+        const char *vbase = (const char *)p->v;
+        for (int64_t j = k0; j < k1; j++)
+            cvt_row_to_f32(p->dtype, vbase + (size_t)(b * p->v_stride[0] + kvh * p->v_stride[1] + j * p->v_stride[2]) * es,
+                           ap->vconv + (kvh * p->kv_len + j) * D, D);
+        return;
+    }
+    float *panel = (kind ? ap->panel_map : ap->panel_id) + (kvh * nb + blk) * D * BK;
+    const char *kbase = (const char *)p->k;
+    for (int64_t jj = 0; jj < BK; jj++) {
+        const int64_t j = k0 + jj, jl = j - off;
+        const int visible = j < k1 && jl >= 0 && (kind == 0 || jl < plan->length);
+        if (!visible) {
+            for (int64_t d = 0; d < D; d++) panel[d * BK + jj] = 0.0f;
+            continue;
+        }
+        pack_key(p, kbase + (size_t)(b * p->k_stride[0] + kvh * p->k_stride[1] + j * p->k_stride[2]) * es,
+                 kind ? plan->mapped_ids[jl] : jl, panel + jj, row, cs, sn);
+    }
+}
+
+/* dst = R(b)^T src for one row: undo a rotation whose cos/sin are c/s (pass-through dims copied).
+ * <R(a) q, R(b) k> = <R(b)^T R(a) q, k> exactly, with the same table values, so a single
+ * decode row can rotate its query once per distinct key position and read keys as stored. */
+static inline void rope_row_inv(const float *src, float *dst, const float *c, const float *s, int64_t n2, int64_t D,
+                                int layout)
+{
+    if (layout == LAMPE_LAYOUT_HALF) {
+        int64_t k = 0;
+        for (; k + VW <= n2; k += VW) {
+            const vf x1 = v_load(src + k), x2 = v_load(src + n2 + k), cc = v_load(c + k), ss = v_load(s + k);
+            v_store(dst + k, v_add(v_mul(x1, cc), v_mul(x2, ss)));
+            v_store(dst + n2 + k, v_sub(v_mul(x2, cc), v_mul(x1, ss)));
+        }
+        for (; k < n2; k++) {
+            const float x1 = src[k], x2 = src[n2 + k];
+            dst[k] = x1 * c[k] + x2 * s[k];
+            dst[n2 + k] = x2 * c[k] - x1 * s[k];
+        }
+    } else {
+        for (int64_t k = 0; k < n2; k++) {
+            const float x1 = src[2 * k], x2 = src[2 * k + 1];
+            dst[2 * k] = x1 * c[k] + x2 * s[k];
+            dst[2 * k + 1] = x2 * c[k] - x1 * s[k];
+        }
+    }
+    for (int64_t d = 2 * n2; d < D; d++) dst[d] = src[d];
+}
+
+/* out[g * BK] = <Q[g], k> for G rows of Q (D floats each). */
+static inline void dot_rows(const float *Q, int64_t G, const float *k, int64_t D, float *out)
+{
+    int64_t g = 0;
+    for (; g + 4 <= G; g += 4) {
+        const float *q0 = Q + g * D, *q1 = q0 + D, *q2 = q1 + D, *q3 = q2 + D;
+        vf a0 = v_zero(), a1 = v_zero(), a2 = v_zero(), a3 = v_zero();
+        int64_t d = 0;
+        for (; d + VW <= D; d += VW) {
+            const vf kv = v_load(k + d);
+            a0 = v_fma(v_load(q0 + d), kv, a0);
+            a1 = v_fma(v_load(q1 + d), kv, a1);
+            a2 = v_fma(v_load(q2 + d), kv, a2);
+            a3 = v_fma(v_load(q3 + d), kv, a3);
+        }
+        float s0 = v_hsum(a0), s1 = v_hsum(a1), s2 = v_hsum(a2), s3 = v_hsum(a3);
+        for (; d < D; d++) s0 += q0[d] * k[d], s1 += q1[d] * k[d], s2 += q2[d] * k[d], s3 += q3[d] * k[d];
+        out[g * BK] = s0, out[(g + 1) * BK] = s1, out[(g + 2) * BK] = s2, out[(g + 3) * BK] = s3;
+    }
+    for (; g < G; g++) {
+        const float *q0 = Q + g * D;
+        vf a0 = v_zero();
+        int64_t d = 0;
+        for (; d + VW <= D; d += VW) a0 = v_fma(v_load(q0 + d), v_load(k + d), a0);
+        float s0 = v_hsum(a0);
+        for (; d < D; d++) s0 += q0[d] * k[d];
+        out[g * BK] = s0;
+    }
 }
 
 typedef struct slot_rows {
@@ -226,48 +342,109 @@ static void attn_item(const lampe_attn_plan *ap, int64_t item, float *scratch)
         }
     }
 
-    /* The tile's (slot, key block) list; a chunk takes a contiguous share of it. */
-    int64_t nblk[3], total = 0;
+    /* The tile's (slot, key block) list; a chunk takes a contiguous share of it. With panels,
+     * blocks are the panels' fixed BK-aligned blocks; otherwise they start at the slot's range. */
+    const int use_panels = tile->panel;
+    int64_t first[3], nblk[3], total = 0;
     for (int s = 0; s < 3; s++) {
-        nblk[s] = slots[s].present ? (slots[s].hi_max - slots[s].lo_min + BK) / BK : 0;
+        first[s] = 0;
+        nblk[s] = 0;
+        if (!slots[s].present) continue;
+        if (use_panels) {
+            first[s] = slots[s].lo_min / BK;
+            nblk[s] = slots[s].hi_max / BK - first[s] + 1;
+        } else {
+            nblk[s] = (slots[s].hi_max - slots[s].lo_min + BK) / BK;
+        }
         total += nblk[s];
     }
     const int64_t cb0 = total * chunk / ap->nchunks, cb1 = total * (chunk + 1) / ap->nchunks;
     const char *kbase = (const char *)p->k, *vbase = (const char *)p->v;
     const int64_t *mids = plan ? plan->mapped_ids : NULL;
+    const int f32 = p->dtype == LAMPE_F32;
+    const int direct = npos == 1 && !use_panels;
+    float *Qd = (float *)(active + Mp); /* [G][D] back-rotated queries of direct mode */
+    int64_t cur_kpos = INT64_MIN;
+    int cur_slot = -1;
     int64_t idx = 0;
     for (int s = 0; s < 3; s++) {
         const slot_rows *sr = &slots[s];
         const float *Q = Qs + s * Mp * D;
         for (int64_t blk = 0; blk < nblk[s]; blk++, idx++) {
             if (idx < cb0 || idx >= cb1) continue;
-            const int64_t k0 = sr->lo_min + blk * BK;
-            const int64_t k1 = k0 + BK <= sr->hi_max + 1 ? k0 + BK : sr->hi_max + 1;
+            int64_t k0, k1;
+            const float *Kb, *Vr;
+            int64_t ldv;
+            if (use_panels) {
+                const int64_t pb = first[s] + blk;
+                k0 = pb * BK;
+                k1 = k0 + BK < p->kv_len ? k0 + BK : p->kv_len;
+                Kb = (sr->mapped ? ap->panel_map : ap->panel_id) + (kvh * ap->nblk + pb) * D * BK;
+                if (f32) {
+                    Vr = (const float *)vbase + b * p->v_stride[0] + kvh * p->v_stride[1] + k0 * p->v_stride[2];
+                    ldv = p->v_stride[2];
+                } else {
+                    Vr = ap->vconv + (kvh * p->kv_len + k0) * D;
+                    ldv = D;
+                }
+            } else {
+                k0 = sr->lo_min + blk * BK;
+                k1 = k0 + BK <= sr->hi_max + 1 ? k0 + BK : sr->hi_max + 1;
+                Kb = Kp;
+                if (direct) {
+                    /* One query position: rotate its G query rows back by each distinct key
+                     * position and read the keys as stored (no per-key rotation or packing). */
+                    for (int64_t jj = 0; jj < k1 - k0; jj++) {
+                        const int64_t j = k0 + jj;
+                        const int64_t kpos = sr->mapped ? mids[j - off - sr->shift] : j - off;
+                        if (kpos != cur_kpos || s != cur_slot) {
+                            attn_angles(p, kpos, 1.0f, cs, sn);
+                            for (int64_t g = 0; g < G; g++) rope_row_inv(Q + g * D, Qd + g * D, cs, sn, n2, D, p->layout);
+                            cur_kpos = kpos;
+                            cur_slot = s;
+                        }
+                        const char *src = kbase + (size_t)(b * p->k_stride[0] + kvh * p->k_stride[1] + j * p->k_stride[2]) * es;
+                        const float *kr = (const float *)src;
+                        if (!f32) {
+                            cvt_row_to_f32(p->dtype, src, row, D);
+                            kr = row;
+                        }
+                        dot_rows(Qd, G, kr, D, S + jj);
+                    }
+                } else {
+                    /* Pack: rotate each key by this slot's key position, store transposed. */
+                    for (int64_t jj = 0; jj < k1 - k0; jj++) {
+                        const int64_t j = k0 + jj;
+                        const int64_t kpos = sr->mapped ? mids[j - off - sr->shift] : j - off;
+                        pack_key(p, kbase + (size_t)(b * p->k_stride[0] + kvh * p->k_stride[1] + j * p->k_stride[2]) * es,
+                                 kpos, Kp + jj, row, cs, sn);
+                    }
+                    for (int64_t d = 0; d < D; d++)
+                        for (int64_t jj = k1 - k0; jj < BK; jj++) Kp[d * BK + jj] = 0.0f;
+                }
+                if (f32) {
+                    Vr = (const float *)vbase + b * p->v_stride[0] + kvh * p->v_stride[1] + k0 * p->v_stride[2];
+                    ldv = p->v_stride[2];
+                } else {
+                    for (int64_t jj = 0; jj < k1 - k0; jj++) {
+                        const int64_t j = k0 + jj;
+                        const char *vsrc = vbase + (size_t)(b * p->v_stride[0] + kvh * p->v_stride[1] + j * p->v_stride[2]) * es;
+                        cvt_row_to_f32(p->dtype, vsrc, Vb + jj * D, D);
+                    }
+                    Vr = Vb;
+                    ldv = D;
+                }
+            }
             const int64_t nk = k1 - k0, nkp = (nk + QK_NR - 1) / QK_NR * QK_NR;
 
-            /* Pack: rotate each key by this slot's key position, store transposed. */
-            for (int64_t jj = 0; jj < nk; jj++) {
-                const int64_t j = k0 + jj;
-                const char *src = kbase + (size_t)(b * p->k_stride[0] + kvh * p->k_stride[1] + j * p->k_stride[2]) * es;
-                cvt_row_to_f32(p->dtype, src, row, D);
-                const int64_t kpos = sr->mapped ? mids[j - off - sr->shift] : j - off;
-                attn_angles(p, kpos, 1.0f, cs, sn);
-                rope_row_f32(row, cs, sn, n2, p->layout);
-                for (int64_t d = 0; d < D; d++) Kp[d * BK + jj] = row[d];
-                const char *vsrc = vbase + (size_t)(b * p->v_stride[0] + kvh * p->v_stride[1] + j * p->v_stride[2]) * es;
-                cvt_row_to_f32(p->dtype, vsrc, Vb + jj * D, D);
-            }
-            for (int64_t d = 0; d < D; d++)
-                for (int64_t jj = nk; jj < nkp; jj++) Kp[d * BK + jj] = 0.0f;
-
-            /* Scores for every row block that meets this key block. */
-            for (int64_t r0 = 0; r0 < M; r0 += QK_MR) {
+            /* Scores for every row block that meets this key block (direct mode has them). */
+            for (int64_t r0 = 0; r0 < M && !direct; r0 += QK_MR) {
                 int meets = 0;
                 for (int64_t r = r0; r < r0 + QK_MR && r < M && !meets; r++) {
                     const int64_t pi = r / G;
                     meets = sr->lo[pi] < k1 && sr->hi[pi] >= k0;
                 }
-                if (meets) qk_block(Q + r0 * D, D, Kp, S + r0 * BK, nkp);
+                if (meets) qk_block(Q + r0 * D, D, Kb, S + r0 * BK, nkp);
             }
 
             /* Online softmax: mask outside the row's range, rescale, exponentiate. */
@@ -304,11 +481,7 @@ static void attn_item(const lampe_attn_plan *ap, int64_t item, float *scratch)
                 mrow[r] = mnew;
                 active[nact++] = (int32_t)r;
             }
-            for (int64_t a = 0; a < nact; a += 2) {
-                const int64_t r = active[a];
-                const int64_t r2 = a + 1 < nact ? active[a + 1] : -1;
-                pv_rows(S + r * BK, r2 >= 0 ? S + r2 * BK : NULL, Vb, D, nk, O + r * D, r2 >= 0 ? O + r2 * D : NULL);
-            }
+            pv_rows(S, O, active, nact, Vr, ldv, D, nk);
         }
     }
 

@@ -5,4 +5,4 @@
 #include "rope_impl.h"
 #include "attn_impl.h"
 
-const lampe_kernels lampe_kernels_avx512bf16 = {LAMPE_ISA_AVX512BF16, rope_tokens, attn_item};
+const lampe_kernels lampe_kernels_avx512bf16 = {LAMPE_ISA_AVX512BF16, rope_tokens, attn_item, attn_pack};

@@ -5,4 +5,4 @@
 #include "rope_impl.h"
 #include "attn_impl.h"
 
-const lampe_kernels lampe_kernels_scalar = {LAMPE_ISA_SCALAR, rope_tokens, attn_item};
+const lampe_kernels lampe_kernels_scalar = {LAMPE_ISA_SCALAR, rope_tokens, attn_item, attn_pack};
