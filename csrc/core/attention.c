@@ -223,8 +223,9 @@ int lampe_attention(const lampe_attn_params *p)
         ap.nchunks = (int32_t)(c > 16 ? 16 : c);
     }
     const int64_t D = p->head_dim, Mp = ap.max_rows + LAMPE_ATTN_ROW_PAD;
+    ap.ldv = (D + 15) / 16 * 16 + 16;
     /* Qs[3], Kp, Vb, S, O, m, l, cos, sin, row, active, Qd: see attn_item */
-    ap.scratch_floats = 3 * Mp * D + 2 * D * LAMPE_ATTN_BK + Mp * LAMPE_ATTN_BK + 2 * Mp * D + 3 * Mp + 3 * D + 16;
+    ap.scratch_floats = 3 * Mp * D + D * LAMPE_ATTN_LDK + LAMPE_ATTN_BK * ap.ldv + Mp * LAMPE_ATTN_BK + 2 * Mp * D + 3 * Mp + 3 * D + 16;
     int rc = LAMPE_OK;
     if (ap.nchunks > 1) {
         const size_t items = (size_t)(n_tiles * ap.nchunks);
@@ -233,11 +234,11 @@ int lampe_attention(const lampe_attn_params *p)
         if (!ap.part_o || !ap.part_ml) rc = LAMPE_ERR_NOMEM;
     }
     if (rc == LAMPE_OK && any_panels) {
-        const size_t panel = (size_t)(p->kv_heads * ap.nblk) * (size_t)(D * LAMPE_ATTN_BK);
+        const size_t panel = (size_t)(p->kv_heads * ap.nblk) * (size_t)(D * LAMPE_ATTN_LDK);
         ap.panel_id = (float *)malloc(panel * 4);
         ap.panel_map = (float *)malloc(panel * 4);
-        if (p->dtype != LAMPE_F32) ap.vconv = (float *)malloc((size_t)(p->kv_heads * p->kv_len * D) * 4);
-        if (!ap.panel_id || !ap.panel_map || (p->dtype != LAMPE_F32 && !ap.vconv)) rc = LAMPE_ERR_NOMEM;
+        ap.vconv = (float *)malloc((size_t)(p->kv_heads * p->kv_len * ap.ldv) * 4);
+        if (!ap.panel_id || !ap.panel_map || !ap.vconv) rc = LAMPE_ERR_NOMEM;
     }
     const int64_t C = ap.nchunks, per_kind = p->kv_heads * ap.nblk;
     int64_t start = 0;
@@ -248,7 +249,7 @@ int lampe_attention(const lampe_attn_params *p)
         const int mapped = p->seqs[b].plan && !p->seqs[b].plan->fallback;
         rc = run_phase(&ap, nth, 1, 0, per_kind);
         if (rc == LAMPE_OK && mapped) rc = run_phase(&ap, nth, 1, per_kind, 2 * per_kind);
-        if (rc == LAMPE_OK && ap.vconv) rc = run_phase(&ap, nth, 1, 2 * per_kind, 3 * per_kind);
+        if (rc == LAMPE_OK) rc = run_phase(&ap, nth, 1, 2 * per_kind, 3 * per_kind);
         if (rc == LAMPE_OK) rc = run_phase(&ap, nth, 0, start * C, group_end[b] * C);
         start = group_end[b];
     }

@@ -7,6 +7,7 @@
 #include "internal.h"
 
 #define LAMPE_ATTN_BK 64      /* keys per block                                */
+#define LAMPE_ATTN_LDK 80     /* row stride of packed key panels (BK + 16: no set aliasing) */
 #define LAMPE_ATTN_MAX_BQ 64  /* query positions per tile                      */
 #define LAMPE_ATTN_ROW_PAD 8  /* rows added so any micro-kernel height fits    */
 
@@ -29,6 +30,7 @@ typedef struct lampe_attn_plan {
      * true positions and at mapped positions m[j], as [Hkv][nblk][D][BK] float32, for batch row
      * panel_b; vconv holds float32 values [Hkv][Lk][D] when the inputs are 16-bit. */
     int64_t nblk, panel_b;
+    int64_t ldv; /* row stride of float32 value blocks: head_dim rounded up to 16, plus 16 */
     float *panel_id, *panel_map, *vconv;
     const lampe_kernels *kern;
 } lampe_attn_plan;

@@ -22,10 +22,11 @@
 #endif
 #define QK_NR (2 * VW)
 #define BK LAMPE_ATTN_BK
+#define LDK LAMPE_ATTN_LDK
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
 
-/* S[r][j] = <Q[r], K[:, j]> for QK_MR rows and nkp keys (a multiple of QK_NR), K packed [d][BK]. */
+/* S[r][j] = <Q[r], K[:, j]> for QK_MR rows and nkp keys (a multiple of QK_NR), K packed [d][LDK]. */
 static inline void qk_block(const float *Q, int64_t D, const float *Kp, float *S, int64_t nkp)
 {
     for (int64_t j = 0; j < nkp; j += QK_NR) {
@@ -34,7 +35,7 @@ static inline void qk_block(const float *Q, int64_t D, const float *Kp, float *S
         for (int r = 0; r < QK_MR; r++) a0[r] = a1[r] = v_zero();
         const float *kp = Kp + j;
         for (int64_t d = 0; d < D; d++) {
-            const vf k0 = v_load(kp + d * BK), k1 = v_load(kp + d * BK + VW);
+            const vf k0 = v_load(kp + d * LDK), k1 = v_load(kp + d * LDK + VW);
 #pragma GCC unroll 8
             for (int r = 0; r < QK_MR; r++) {
                 const vf q = v_set1(Q[r * D + d]);
@@ -142,7 +143,7 @@ static inline void attn_angles(const lampe_attn_params *p, int64_t pos, float am
     rope_angles(pos, p->inv_freq, n2, amp, c, s);
 }
 
-/* Rotate one key row by position kpos and store it as column `col` of a [D][BK] panel. */
+/* Rotate one key row by position kpos and store it as column `col` of a [D][LDK] panel. */
 static inline void pack_key(const lampe_attn_params *p, const char *src, int64_t kpos, float *col, float *row,
                             float *cs, float *sn)
 {
@@ -150,7 +151,7 @@ static inline void pack_key(const lampe_attn_params *p, const char *src, int64_t
     cvt_row_to_f32(p->dtype, src, row, D);
     attn_angles(p, kpos, 1.0f, cs, sn);
     rope_row_f32(row, cs, sn, p->rotary_dim / 2, p->layout);
-    for (int64_t d = 0; d < D; d++) col[d * BK] = row[d];
+    for (int64_t d = 0; d < D; d++) col[d * LDK] = row[d];
 }
 
 /*
@@ -173,16 +174,16 @@ static void attn_pack(const lampe_attn_plan *ap, int64_t item, float *scratch)
         const char *vbase = (const char *)p->v;
         for (int64_t j = k0; j < k1; j++)
             cvt_row_to_f32(p->dtype, vbase + (size_t)(b * p->v_stride[0] + kvh * p->v_stride[1] + j * p->v_stride[2]) * es,
-                           ap->vconv + (kvh * p->kv_len + j) * D, D);
+                           ap->vconv + (kvh * p->kv_len + j) * ap->ldv, D);
         return;
     }
-    float *panel = (kind ? ap->panel_map : ap->panel_id) + (kvh * nb + blk) * D * BK;
+    float *panel = (kind ? ap->panel_map : ap->panel_id) + (kvh * nb + blk) * D * LDK;
     const char *kbase = (const char *)p->k;
     for (int64_t jj = 0; jj < BK; jj++) {
         const int64_t j = k0 + jj, jl = j - off;
         const int visible = j < k1 && jl >= 0 && (kind == 0 || jl < plan->length);
         if (!visible) {
-            for (int64_t d = 0; d < D; d++) panel[d * BK + jj] = 0.0f;
+            for (int64_t d = 0; d < D; d++) panel[d * LDK + jj] = 0.0f;
             continue;
         }
         pack_key(p, kbase + (size_t)(b * p->k_stride[0] + kvh * p->k_stride[1] + j * p->k_stride[2]) * es,
@@ -271,9 +272,10 @@ static void attn_item(const lampe_attn_plan *ap, int64_t item, float *scratch)
     const float qscale = p->scale * LOG2E;
 
     float *Qs = scratch;            /* [3][Mp][D] rotated, scaled queries per slot */
-    float *Kp = Qs + 3 * Mp * D;    /* [D][BK] rotated keys of one block           */
-    float *Vb = Kp + D * BK;        /* [BK][D]                                     */
-    float *S = Vb + BK * D;         /* [Mp][BK] scores, then probabilities         */
+    const int64_t ldv = ap->ldv;    /* padded row strides: no power-of-two cache-set aliasing */
+    float *Kp = Qs + 3 * Mp * D;    /* [D][LDK] rotated keys of one block          */
+    float *Vb = Kp + D * LDK;       /* [BK][ldv] values of one block, float32      */
+    float *S = Vb + BK * ldv;       /* [Mp][BK] scores, then probabilities         */
     float *O = S + Mp * BK;         /* [Mp][D]                                     */
     float *mrow = O + Mp * D, *lrow = mrow + Mp;
     float *cs = lrow + Mp, *sn = cs + D, *row = sn + D;
@@ -374,19 +376,12 @@ static void attn_item(const lampe_attn_plan *ap, int64_t item, float *scratch)
             if (idx < cb0 || idx >= cb1) continue;
             int64_t k0, k1;
             const float *Kb, *Vr;
-            int64_t ldv;
             if (use_panels) {
                 const int64_t pb = first[s] + blk;
                 k0 = pb * BK;
                 k1 = k0 + BK < p->kv_len ? k0 + BK : p->kv_len;
-                Kb = (sr->mapped ? ap->panel_map : ap->panel_id) + (kvh * ap->nblk + pb) * D * BK;
-                if (f32) {
-                    Vr = (const float *)vbase + b * p->v_stride[0] + kvh * p->v_stride[1] + k0 * p->v_stride[2];
-                    ldv = p->v_stride[2];
-                } else {
-                    Vr = ap->vconv + (kvh * p->kv_len + k0) * D;
-                    ldv = D;
-                }
+                Kb = (sr->mapped ? ap->panel_map : ap->panel_id) + (kvh * ap->nblk + pb) * D * LDK;
+                Vr = ap->vconv + (kvh * p->kv_len + k0) * ldv;
             } else {
                 k0 = sr->lo_min + blk * BK;
                 k1 = k0 + BK <= sr->hi_max + 1 ? k0 + BK : sr->hi_max + 1;
@@ -396,14 +391,33 @@ static void attn_item(const lampe_attn_plan *ap, int64_t item, float *scratch)
                      * position and read the keys as stored (no per-key rotation or packing). */
                     for (int64_t jj = 0; jj < k1 - k0; jj++) {
                         const int64_t j = k0 + jj;
-                        const int64_t kpos = sr->mapped ? mids[j - off - sr->shift] : j - off;
+                        const char *src = kbase + (size_t)(b * p->k_stride[0] + kvh * p->k_stride[1] + j * p->k_stride[2]) * es;
+                        /* P.V below walks this block's V rows column slab by column slab; start
+                         * pulling each row from memory now, while the scores are computed. */
+                        const char *vpre = vbase + (size_t)(b * p->v_stride[0] + kvh * p->v_stride[1] + j * p->v_stride[2]) * es;
+                        for (size_t by = 0; by < (size_t)D * es; by += 64) __builtin_prefetch(vpre + by, 0, 1);
+                        /* keys are read one row at a time: ask for rows well ahead of use */
+                        if (j + 8 < k1) {
+                            const char *kpre = src + (size_t)(8 * p->k_stride[2]) * es;
+                            for (size_t by = 0; by < (size_t)D * es; by += 64) __builtin_prefetch(kpre + by, 0, 0);
+                        }
+                        if (!sr->mapped) {
+                            /* true positions: every key has its own, so rotate the key once */
+                            cvt_row_to_f32(p->dtype, src, row, D);
+                            attn_angles(p, j - off, 1.0f, cs, sn);
+                            rope_row_f32(row, cs, sn, n2, p->layout);
+                            dot_rows(Q, G, row, D, S + jj);
+                            continue;
+                        }
+                        /* mapped positions come in runs: rotate the G queries back once per run
+                         * and read the keys as stored */
+                        const int64_t kpos = mids[j - off - sr->shift];
                         if (kpos != cur_kpos || s != cur_slot) {
                             attn_angles(p, kpos, 1.0f, cs, sn);
                             for (int64_t g = 0; g < G; g++) rope_row_inv(Q + g * D, Qd + g * D, cs, sn, n2, D, p->layout);
                             cur_kpos = kpos;
                             cur_slot = s;
                         }
-                        const char *src = kbase + (size_t)(b * p->k_stride[0] + kvh * p->k_stride[1] + j * p->k_stride[2]) * es;
                         const float *kr = (const float *)src;
                         if (!f32) {
                             cvt_row_to_f32(p->dtype, src, row, D);
@@ -420,20 +434,16 @@ static void attn_item(const lampe_attn_plan *ap, int64_t item, float *scratch)
                                  kpos, Kp + jj, row, cs, sn);
                     }
                     for (int64_t d = 0; d < D; d++)
-                        for (int64_t jj = k1 - k0; jj < BK; jj++) Kp[d * BK + jj] = 0.0f;
+                        for (int64_t jj = k1 - k0; jj < BK; jj++) Kp[d * LDK + jj] = 0.0f;
                 }
-                if (f32) {
-                    Vr = (const float *)vbase + b * p->v_stride[0] + kvh * p->v_stride[1] + k0 * p->v_stride[2];
-                    ldv = p->v_stride[2];
-                } else {
-                    for (int64_t jj = 0; jj < k1 - k0; jj++) {
-                        const int64_t j = k0 + jj;
-                        const char *vsrc = vbase + (size_t)(b * p->v_stride[0] + kvh * p->v_stride[1] + j * p->v_stride[2]) * es;
-                        cvt_row_to_f32(p->dtype, vsrc, Vb + jj * D, D);
-                    }
-                    Vr = Vb;
-                    ldv = D;
+                /* Values into a padded float32 block: sequential reads from memory, and P.V's
+                 * column slabs then stay in L1 without set conflicts. */
+                for (int64_t jj = 0; jj < k1 - k0; jj++) {
+                    const int64_t j = k0 + jj;
+                    const char *vsrc = vbase + (size_t)(b * p->v_stride[0] + kvh * p->v_stride[1] + j * p->v_stride[2]) * es;
+                    cvt_row_to_f32(p->dtype, vsrc, Vb + jj * ldv, D);
                 }
+                Vr = Vb;
             }
             const int64_t nk = k1 - k0, nkp = (nk + QK_NR - 1) / QK_NR * QK_NR;
 
