@@ -13,5 +13,23 @@ from .attention import attention
 from . import reference
 from .info import available_isas, set_cpu_isa, show_config
 
-__all__ = ["__version__", "LampeConfig", "Plan", "Region", "plan", "mapping_length", "rope", "attention",
+
+
+def patch(model, config=None, **kwargs):
+    """Patch a transformers model so long inputs use LaMPE (see :mod:`lampe.hf`)."""
+    from .hf import patch as _patch
+    return _patch(model, config, **kwargs)
+
+
+def patched(model, config=None, **kwargs):
+    """Context manager: ``with lampe.patched(model): ...``."""
+    from .hf import patched as _patched
+    return _patched(model, config, **kwargs)
+
+
+def is_patched(model) -> bool:
+    return getattr(model, "_lampe_handle", None) is not None
+
+
+__all__ = ["patch", "patched", "is_patched", "__version__", "LampeConfig", "Plan", "Region", "plan", "mapping_length", "rope", "attention",
            "reference", "available_isas", "set_cpu_isa", "show_config", "DEFAULT_TEMPERATURE", "PRESETS"]

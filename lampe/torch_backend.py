@@ -1,0 +1,129 @@
+"""Pure-PyTorch LaMPE attention with the semantics of lampe.attention, for devices the C kernel
+does not serve (CUDA until a CUDA kernel exists, MPS) and as a CPU cross-check (backend="torch").
+
+Per batch row it rotates the keys once per key-position rule, then processes queries in chunks:
+each chunk builds its per-region logits over all keys with -inf outside the region, and one
+softmax over the concatenation merges the regions exactly (duplicated keys count twice). Memory
+is O(chunk x Lk) per head, never Lq x Lk.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .config import LampeConfig
+from .positions import batch_layout, plan
+
+_CHUNK = 256
+
+
+def _rotate(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, rotary_dim: int, layout: str,
+            amp: float) -> torch.Tensor:
+    """x [..., n, D] (float32) rotated by integer positions pos [n]; float32 angles (spec §0)."""
+    ang = pos.to(torch.float32)[:, None] * inv_freq[None, :]
+    c, s = torch.cos(ang) * amp, torch.sin(ang) * amp
+    out = x.clone()
+    h = rotary_dim // 2
+    if layout == "half":
+        x1, x2 = x[..., :h], x[..., h:rotary_dim]
+        out[..., :h] = x1 * c - x2 * s
+        out[..., h:rotary_dim] = x2 * c + x1 * s
+    else:
+        x1, x2 = x[..., 0:rotary_dim:2], x[..., 1:rotary_dim:2]
+        out[..., 0:rotary_dim:2] = x1 * c - x2 * s
+        out[..., 1:rotary_dim:2] = x2 * c + x1 * s
+    return out
+
+
+def attention(q, k, v, *, config: Optional[LampeConfig], inv_freq, prompt_length=None, key_padding_mask=None,
+              rotary_dim=None, layout="half", scale=None, return_lse=False, amplitude=None):
+    """Same arguments and results as :func:`lampe.attention`, on any torch device.
+    ``amplitude`` overrides the config's temperature (e.g. temperature x the model's mscale)."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    rd = D if rotary_dim is None else int(rotary_dim)
+    dev = q.device
+    f = torch.as_tensor(np.asarray(inv_freq, dtype=np.float32) if not torch.is_tensor(inv_freq) else inv_freq,
+                        dtype=torch.float32, device=dev).reshape(-1)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    amp = (config.temperature if config is not None else 1.0) if amplitude is None else float(amplitude)
+    off, own = batch_layout(B, Lq, Lk, prompt_length, key_padding_mask)
+    qf, kf, vf = q.float(), k.float(), v.float()
+    out = torch.zeros(B, Hq, Lq, D, dtype=torch.float32, device=dev)
+    lse = torch.full((B, Hq, Lq), -math.inf, dtype=torch.float32, device=dev)
+    heads = torch.arange(Hq, device=dev) // G
+    for b in range(B):
+        o = int(off[b])
+        n = Lk - o
+        if n <= 0:
+            continue
+        kb, vb = kf[b, :, o:][heads], vf[b, :, o:][heads]  # [Hq, n, D]
+        pl = plan(int(own[b]), config) if config is not None else None
+        keypos = torch.arange(n, device=dev)
+        rot = {}
+
+        def keys(mapped, shift):
+            if (mapped, shift) not in rot:
+                if mapped:
+                    src = (keypos - shift).clamp(0, pl.length - 1)
+                    kpos = torch.tensor(pl.mapped_ids, device=dev)[src]
+                else:
+                    kpos = keypos
+                rot[(mapped, shift)] = _rotate(kb, kpos, f, rd, layout, amp)
+            return rot[(mapped, shift)]
+
+        rows = [t for t in range(Lq) if Lk - Lq + t - o >= 0]
+        # Rows sharing every key rule (prompt rows; any row without a plan) go in chunks; a row
+        # after the prompt has its own map shift and goes alone.
+        groups, cur = [], []
+        for t in rows:
+            pos = Lk - Lq + t - o
+            alone = pl is not None and not pl.fallback and pos >= pl.length
+            if alone:
+                groups.append([t])
+            else:
+                cur.append(t)
+                if len(cur) == _CHUNK:
+                    groups.append(cur)
+                    cur = []
+        if cur:
+            groups.append(cur)
+        for grp in groups:
+            ts = torch.tensor(grp, device=dev)
+            pos = [Lk - Lq + t - o for t in grp]
+            regs = [pl.regions(p) if pl is not None else None for p in pos]
+            names = ["full"] if pl is None else ["local", "map", "sink", "full"]
+            parts = []
+            for name in names:
+                spec = []
+                for i, p in enumerate(pos):
+                    if regs[i] is None:  # plain causal RoPE attention
+                        spec.append((0, p, p, (False, 0)) if name == "full" else None)
+                    else:
+                        r = next((r for r in regs[i] if r.name == name), None)
+                        spec.append(None if r is None else (r.key_lo, r.key_hi, r.qpos, (r.mapped, r.shift)))
+                if all(x is None for x in spec):
+                    continue
+                rule = next(x[3] for x in spec if x is not None)
+                lo = torch.tensor([x[0] if x else 1 for x in spec], device=dev)
+                hi = torch.tensor([x[1] if x else 0 for x in spec], device=dev)
+                qp = torch.tensor([x[2] if x else 0 for x in spec], device=dev)
+                kr = keys(*rule)                                        # [Hq, n, D]
+                qr = torch.stack([_rotate(qf[b, :, t][:, None, :], qp[i:i + 1], f, rd, layout, amp)[:, 0]
+                                  for i, t in enumerate(grp)], dim=1)   # [Hq, rows, D]
+                s = torch.einsum("hrd,hnd->hrn", qr, kr) * scale
+                inside = (keypos[None, :] >= lo[:, None]) & (keypos[None, :] <= hi[:, None])
+                parts.append((s.masked_fill(~inside[None], -math.inf), vb))
+            s_all = torch.cat([p[0] for p in parts], dim=-1)
+            v_all = torch.cat([p[1] for p in parts], dim=1)
+            m = s_all.amax(dim=-1, keepdim=True)
+            w = torch.exp(s_all - m)
+            tot = w.sum(dim=-1, keepdim=True)
+            out[b, :, ts] = torch.einsum("hrn,hnd->hrd", w / tot, v_all)
+            lse[b, :, ts] = (m + torch.log(tot))[..., 0]
+    out = out.to(q.dtype)
+    return (out, lse) if return_lse else out

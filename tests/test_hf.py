@@ -1,0 +1,303 @@
+"""lampe.patch on tiny random-weight transformers models (built from configs, no downloads)."""
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import lampe  # noqa: E402
+from lampe.hf import compat as hfcompat  # noqa: E402
+from lampe.hf import patching as hfpatch  # noqa: E402
+
+W = 64  # pretrained window of the tiny models: LaMPE is active beyond 64 tokens
+SMALL = dict(window=16, sink=4)
+
+
+def tiny(family="llama", dtype=torch.float32, seed=0, **extra):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=W, attn_implementation="sdpa")
+    common.update(extra)
+    if family == "llama":
+        cfg = transformers.LlamaConfig(**common)
+        cls = transformers.LlamaForCausalLM
+    elif family == "mistral":
+        common.setdefault("sliding_window", None)
+        cfg = transformers.MistralConfig(**common)
+        cls = transformers.MistralForCausalLM
+    elif family == "qwen2":
+        cfg = transformers.Qwen2Config(**common)
+        cls = transformers.Qwen2ForCausalLM
+    elif family == "qwen3":
+        cfg = transformers.Qwen3Config(head_dim=16, **common)
+        cls = transformers.Qwen3ForCausalLM
+    else:
+        raise ValueError(family)
+    return cls(cfg).eval().to(dtype)
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+
+
+def ids(n, batch=1, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 97, (batch, n), generator=g)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_below_active_from_is_bit_identical(family):
+    m = tiny(family)
+    x = ids(W)  # total length == active_from: LaMPE not active
+    with torch.no_grad():
+        ref = m(x).logits
+        ref_gen = m.generate(x[:, :40], max_new_tokens=20, do_sample=False)
+        with lampe.patched(m, **SMALL):
+            out = m(x).logits
+            gen = m.generate(x[:, :40], max_new_tokens=20, do_sample=False)  # ends at 60 < 64
+    assert torch.equal(out, ref)
+    assert torch.equal(gen, ref_gen)
+
+
+def test_below_active_from_bf16_close():
+    m = tiny("llama", dtype=torch.bfloat16)
+    x = ids(50)
+    with torch.no_grad():
+        ref = m(x).logits.float()
+        with lampe.patched(m, **SMALL):
+            out = m(x).logits.float()
+    assert torch.allclose(out, ref, atol=2e-2, rtol=0)
+
+
+class Capture:
+    """Records each layer's attention inputs (hidden states) and outputs (o_proj inputs)."""
+
+    def __init__(self, model):
+        self.hidden, self.attn_out, self.hooks = {}, {}, []
+        for m in hfcompat.attention_modules(model):
+            self.hooks.append(m.register_forward_pre_hook(self._pre(m), with_kwargs=True))
+            self.hooks.append(m.o_proj.register_forward_pre_hook(self._out(m)))
+
+    def _pre(self, m):
+        def hook(mod, args, kwargs):
+            h = kwargs.get("hidden_states", args[0] if args else None)
+            self.hidden.setdefault(m.layer_idx, []).append(h.detach().clone())
+        return hook
+
+    def _out(self, m):
+        def hook(mod, args):
+            self.attn_out.setdefault(m.layer_idx, []).append(args[0].detach().clone())
+        return hook
+
+    def close(self):
+        for h in self.hooks:
+            h.remove()
+
+
+def expected_attention(model, handle, layer, hidden, prompt_length):
+    """lampe.reference.attention on q, k, v recomputed from the layer's own projections."""
+    m = [a for a in hfcompat.attention_modules(model) if a.layer_idx == layer][0]
+    B, T, _ = hidden.shape
+    D = m.head_dim
+    q = m.q_proj(hidden).view(B, T, -1, D)
+    k = m.k_proj(hidden).view(B, T, -1, D)
+    if hasattr(m, "q_norm"):  # Qwen3 normalises q and k before RoPE
+        q, k = m.q_norm(q), m.k_norm(k)
+    v = m.v_proj(hidden).view(B, T, -1, D)
+    q, k, v = (t.transpose(1, 2).detach().double().numpy() for t in (q, k, v))
+    rot = handle.rotary
+    cfg = handle.config.replace(temperature=handle.config.temperature * rot.attention_scaling)
+    return lampe.reference.attention(q, k, v, cfg, rot.inv_freq.numpy(), prompt_length=prompt_length,
+                                     scale=m.scaling)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layers_match_reference_prompt_and_decode(family):
+    m = tiny(family)
+    x = ids(100)
+    h = lampe.patch(m, **SMALL)
+    cap = Capture(m)
+    try:
+        with torch.no_grad():
+            m.generate(x, max_new_tokens=6, do_sample=False)
+    finally:
+        cap.close()
+    for layer, hs in cap.hidden.items():
+        full = torch.cat(hs, dim=1)  # every token's hidden state, prompt then decode steps
+        ref = expected_attention(m, h, layer, full, prompt_length=100)  # [B, H, T, D]
+        D = hfcompat.attention_modules(m)[0].head_dim
+        got = torch.cat(cap.attn_out[layer], dim=1).view(1, full.shape[1], -1, D).transpose(1, 2).double().numpy()
+        err = np.abs(got - ref).max() / np.abs(ref).max()
+        assert err < 1e-4, (family, layer, err)
+    h.remove()
+
+
+def test_generate_modes_and_new_turn():
+    m = tiny("llama")
+    x = ids(90)
+    with torch.no_grad(), lampe.patched(m, **SMALL) as h:
+        greedy = m.generate(x, max_new_tokens=3 * W, do_sample=False)  # far beyond the window
+        assert greedy.shape == (1, 90 + 3 * W)
+        torch.manual_seed(0)
+        s1 = m.generate(x, max_new_tokens=10, do_sample=True, top_k=20)
+        torch.manual_seed(0)
+        s2 = m.generate(x, max_new_tokens=10, do_sample=True, top_k=20)
+        assert torch.equal(s1, s2)
+        beams = m.generate(x, max_new_tokens=8, num_beams=2, do_sample=False)
+        assert beams.shape == (1, 98)
+        # a second turn continues the returned cache: its rows are rows after the prompt
+        out = m.generate(x, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+        turn = torch.cat([out.sequences, ids(12, seed=7)], dim=1)
+        cap = Capture(m)
+        try:
+            more = m.generate(turn, past_key_values=out.past_key_values, max_new_tokens=4, do_sample=False)
+        finally:
+            cap.close()
+        assert torch.equal(more[:, :turn.shape[1]], turn)
+        layer = 0
+        # The plan was made from the 90-token prompt of the first call. Layer 0's input is the
+        # embedding of each token, so every token's hidden state is known without a capture.
+        full = m.model.embed_tokens(more[:, :-1])
+        got = torch.cat(cap.attn_out[layer], dim=1)
+        T_new = got.shape[1]
+        ref = expected_attention(m, h, layer, m.model.layers[0].input_layernorm(full), prompt_length=90)
+        ref_rows = ref[:, :, -T_new:].transpose(0, 2, 1, 3).reshape(1, T_new, -1)
+        err = np.abs(got.double().numpy() - ref_rows).max() / np.abs(ref_rows).max()
+        assert err < 1e-4
+
+
+def test_use_cache_false_each_step_is_a_prompt():
+    m = tiny("llama")
+    x = ids(80)
+    with torch.no_grad(), lampe.patched(m, **SMALL) as h:
+        cap = Capture(m)
+        try:
+            m.generate(x, max_new_tokens=2, do_sample=False, use_cache=False)
+        finally:
+            cap.close()
+        # second step: 81 tokens processed as a fresh 81-token prompt
+        hs = cap.hidden[0][1]
+        ref = expected_attention(m, h, 0, hs, prompt_length=81)
+        got = cap.attn_out[0][1].double().numpy()
+        assert np.abs(got - ref.transpose(0, 2, 1, 3).reshape(got.shape)).max() < 1e-4 * np.abs(ref).max()
+
+
+def test_left_padded_batch_equals_rows_alone():
+    m = tiny("llama")
+    a, b = ids(100, seed=3), ids(85, seed=4)
+    pad = 100 - 85
+    batch = torch.cat([a, torch.cat([torch.zeros(1, pad, dtype=torch.long), b], dim=1)])
+    mask = torch.ones_like(batch)
+    mask[1, :pad] = 0
+    with torch.no_grad(), lampe.patched(m, **SMALL):
+        both = m.generate(batch, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        alone_a = m.generate(a, max_new_tokens=8, do_sample=False)
+        alone_b = m.generate(b, max_new_tokens=8, do_sample=False)
+    assert torch.equal(both[0, 100:], alone_a[0, 100:])
+    assert torch.equal(both[1, 100:], alone_b[0, 85:])
+
+
+def test_cache_misuse_raises_and_masked_rows_finite():
+    m = tiny("llama")
+    x = ids(80)
+    with torch.no_grad():
+        h = lampe.patch(m, **SMALL)
+        out = m(x, use_cache=True)
+        h.remove()
+        with pytest.raises(RuntimeError, match="un-rotated"):
+            m(ids(1), past_key_values=out.past_key_values)
+        plain = m(x, use_cache=True)
+        with lampe.patched(m, **SMALL):
+            with pytest.raises(RuntimeError, match="rotated keys"):
+                m(ids(1), past_key_values=plain.past_key_values)
+            # padded query rows see no valid key at all: outputs stay finite
+            batch = torch.cat([x, x])
+            mask = torch.ones_like(batch)
+            mask[1, :79] = 0
+            position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate() builds them
+            logits = m(batch, attention_mask=mask, position_ids=position_ids).logits
+            assert torch.isfinite(logits).all()
+            with pytest.raises(NotImplementedError, match="valid keys"):
+                m(batch, attention_mask=mask)  # positions that ignore the padding
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2), (torch.float16, 1e-2)])
+def test_torch_backend_equals_c_backend(dtype, tol):
+    m = tiny("qwen2", dtype=dtype)
+    x = ids(90)
+    with torch.no_grad():
+        with lampe.patched(m, backend="c", **SMALL):
+            a = m(x).logits.float()
+        with lampe.patched(m, backend="torch", **SMALL):
+            b = m(x).logits.float()
+    assert torch.isfinite(a).all()
+    assert (a - b).abs().max() <= tol * a.abs().max()
+
+
+def test_sliding_window_and_restore_exactly():
+    m = tiny("mistral", sliding_window=32)
+    x = ids(50)
+    with pytest.raises(ValueError, match="disable_sliding_window"):
+        lampe.patch(m)
+    before_cfg = m.config.to_dict()
+    before_sd = {k: v.clone() for k, v in m.state_dict().items()}
+    with torch.no_grad():
+        ref = m(x).logits
+        h = lampe.patch(m, disable_sliding_window=True, **SMALL)
+        assert m.config.sliding_window is None and lampe.is_patched(m)
+        m(ids(120))
+        h.remove()
+        assert torch.equal(m(x).logits, ref)
+    assert m.config.to_dict() == before_cfg
+    assert all(torch.equal(v, before_sd[k]) for k, v in m.state_dict().items())
+    assert not lampe.is_patched(m)
+    assert all(not mod._forward_hooks and not mod._forward_pre_hooks for mod in m.modules())
+
+
+def test_two_models_do_not_interfere():
+    m1, m2 = tiny("llama", seed=0), tiny("llama", seed=0)
+    x = ids(100)
+    with torch.no_grad():
+        h1 = lampe.patch(m1, window=16, sink=4)
+        h2 = lampe.patch(m2, window=8, sink=2, mapping_length=20)
+        a1, a2 = m1(x).logits, m2(x).logits
+        h2.remove()
+        assert torch.equal(m1(x).logits, a1)
+        h1.remove()
+    assert not torch.equal(a1, a2)
+
+
+def test_defaults_derived_from_the_model():
+    cfg = lambda **kw: transformers.LlamaConfig(num_hidden_layers=1, hidden_size=64, num_attention_heads=4,
+                                                intermediate_size=64, **kw)
+    assert hfpatch.default_config(cfg(max_position_embeddings=4096)).mapping_length == "llama2"
+    assert hfpatch.default_config(cfg(max_position_embeddings=8192)).mapping_length == "llama3"
+    llama31 = cfg(max_position_embeddings=131072, rope_parameters={"rope_type": "llama3", "factor": 8.0,
+                  "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+                  "rope_theta": 500000.0})
+    assert hfpatch.default_config(llama31).mapping_length == "llama3.1"
+    yarn = cfg(max_position_embeddings=32768, rope_parameters={"rope_type": "yarn", "factor": 4.0,
+               "original_max_position_embeddings": 8192, "rope_theta": 10000.0})
+    d = hfpatch.default_config(yarn)
+    assert d.pretrained_window == 8192 and d.active_from == 8192
+    m = transformers.MistralConfig(num_hidden_layers=1, hidden_size=64, num_attention_heads=4, intermediate_size=64,
+                                   max_position_embeddings=32768)
+    assert hfpatch.default_config(m).mapping_length == "mistral"
+    small = hfpatch.default_config(cfg(max_position_embeddings=256))
+    assert (small.window, small.sink, small.mapping_length) == (16, 6, "auto")
+    h = lampe.patch(tiny("llama"))
+    assert "generic rule from W=64" in repr(h) and "active_from=64" in repr(h)
+    h.remove()
+
+
+def test_unsupported_families_raise():
+    if not hasattr(transformers, "Gemma3ForCausalLM"):
+        pytest.skip("this transformers has no Gemma 3")
+    cfg = transformers.Gemma3TextConfig(vocab_size=50, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    g = transformers.Gemma3ForCausalLM(cfg)
+    with pytest.raises(NotImplementedError, match="per-layer-type rotary"):
+        lampe.patch(g)
+    with pytest.raises(ValueError, match="backend"):
+        lampe.patch(tiny("llama"), backend="cuda-magic")
