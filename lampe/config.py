@@ -91,8 +91,35 @@ class LampeConfig:
             return mapping_length(length, "auto", pretrained_window=self.pretrained_window)
         return mapping_length(length, u)
 
+    @classmethod
+    def paper(cls, pretrained_window: Optional[int] = None, mapping_length: Union[int, str, None] = None,
+              **changes) -> "LampeConfig":
+        """The authors' settings: window 512, sink 200, LaMPE whenever L >= 2H (active_from=0).
+
+        For models pretrained on fewer than 4096 tokens the window and sink keep the paper's
+        ratios to an 8K window (1/16 and 200/8192, at least 1 token). ``mapping_length`` defaults
+        to the generic rule when ``pretrained_window`` is known, else the fixed 1536 of the
+        authors' LongBench runs."""
+        window, sink = paper_sizes(pretrained_window) if pretrained_window else (512, 200)
+        if mapping_length is None:
+            mapping_length = "auto" if pretrained_window else 1536
+        base = dict(window=window, sink=sink, mapping_length=mapping_length, active_from=0,
+                    pretrained_window=pretrained_window)
+        base.update(changes)
+        return cls(**base)
+
     def replace(self, **changes) -> "LampeConfig":
         return replace(self, **changes)
+
+
+def paper_sizes(pretrained_window: int):
+    """(window, sink) of the paper for a model pretrained on ``pretrained_window`` tokens: the
+    authors used 512 and 200 for every model they ran (4K to 128K windows); below 4K the same
+    ratios to an 8K window."""
+    W = int(pretrained_window)
+    if W >= 4096:
+        return 512, 200
+    return max(1, W * 512 // 8192), max(1, W * 200 // 8192)
 
 
 def mapping_length(length: int, preset: str, pretrained_window: Optional[int] = None) -> int:

@@ -289,6 +289,11 @@ def test_defaults_derived_from_the_model():
     h = lampe.patch(tiny("llama"))
     assert "generic rule from W=64" in repr(h) and "active_from=64" in repr(h)
     h.remove()
+    h = lampe.patch(tiny("llama"), config="paper")
+    assert (h.config.window, h.config.sink, h.config.active_from) == (4, 1, 0)  # 512/8192 and 200/8192 of W=64
+    h.remove()
+    assert lampe.LampeConfig.paper() == lampe.LampeConfig(window=512, sink=200, mapping_length=1536, active_from=0)
+    assert (lampe.LampeConfig.paper(131072).window, lampe.LampeConfig.paper(131072).sink) == (512, 200)
 
 
 def test_unsupported_families_raise():

@@ -1,4 +1,4 @@
 """transformers integration: ``lampe.patch(model)`` (needs torch and transformers)."""
-from .patching import LampeHandle, default_config, is_patched, paper_sizes, patch, patched, pretrained_window
+from .patching import LampeHandle, default_config, is_patched, mapping_preset, patch, patched, pretrained_window
 
-__all__ = ["patch", "patched", "is_patched", "LampeHandle", "default_config", "pretrained_window", "paper_sizes"]
+__all__ = ["patch", "patched", "is_patched", "LampeHandle", "default_config", "pretrained_window", "mapping_preset"]

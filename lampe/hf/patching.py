@@ -21,7 +21,7 @@ import torch
 
 from ..attention import attention as kernel_attention
 from .. import torch_backend
-from ..config import LampeConfig
+from ..config import LampeConfig, paper_sizes
 from . import compat
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -66,14 +66,6 @@ def mapping_preset(config) -> str:
     if family == "mistral" and W == 32768:
         return "mistral"
     return "auto"
-
-
-def paper_sizes(W: int):
-    """The authors' window 512 and sink 200 (used for 4K-128K models); for smaller pretrained
-    windows the same ratios to an 8K window (1/16 and 200/8192), at least 1 token each."""
-    if W >= 4096:
-        return 512, 200
-    return max(1, W * 512 // 8192), max(1, W * 200 // 8192)
 
 
 def default_config(model_config, **overrides) -> LampeConfig:
@@ -339,7 +331,8 @@ def patch(model, config: Optional[LampeConfig] = None, *, backend: str = "auto",
     """Make every long input of ``model`` use LaMPE. Returns a handle; ``handle.remove()`` undoes it.
 
     Defaults come from the model (pretrained window W, mapping-length preset, active_from = W);
-    ``config`` replaces them and ``overrides`` (any LampeConfig field) adjust them. ``backend``:
+    ``config`` replaces them (``config="paper"``: the authors' settings for this model, see
+    LampeConfig.paper) and ``overrides`` (any LampeConfig field) adjust them. ``backend``:
     "auto" (C kernel on CPU tensors, pure torch elsewhere), "c" or "torch"."""
     if backend not in ("auto", "c", "torch"):
         raise ValueError(f"backend must be 'auto', 'c' or 'torch', got {backend!r}")
@@ -350,6 +343,11 @@ def patch(model, config: Optional[LampeConfig] = None, *, backend: str = "auto",
     rotary = _check_family(model)
     if config is None:
         config = default_config(model.config, **overrides)
+    elif isinstance(config, str):
+        if config != "paper":
+            raise ValueError(f"config must be a LampeConfig, None or 'paper', got {config!r}")
+        config = LampeConfig.paper(pretrained_window(model.config), mapping_length=mapping_preset(model.config),
+                                   **overrides)
     else:
         if not isinstance(config, LampeConfig):
             raise TypeError(f"config must be a LampeConfig, got {type(config).__name__}")
