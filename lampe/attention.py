@@ -76,6 +76,9 @@ def attention(q, k, v, *, config, inv_freq, prompt_length=None, key_padding_mask
         raise ValueError(f"k and v must have shape [B={B}, Hkv, Lk, D={D}] and match each other; got "
                          f"{tuple(ka.shape)} and {tuple(va.shape)}")
     off, own = batch_layout(B, Lq, Lk, prompt_length, key_padding_mask)
+    if config is not None and config.mode != "reference" and np.any((own < Lk - off) & (off < Lk)):
+        raise ValueError(f"prompt_length: mode={config.mode!r} has no rows after the prompt; every row is planned "
+                         "with the total length, so leave prompt_length at its default (Lk)")
 
     plans, umax = [], 0
     for b in range(B):

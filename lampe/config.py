@@ -11,7 +11,7 @@ from . import _C
 DEFAULT_TEMPERATURE = 1.0 + 0.1 * math.log(2.0)
 #: Mapping-length presets with the authors' scaled-sigmoid constants (spec §4).
 PRESETS = ("llama2", "llama3", "mistral", "llama3.1")
-MODES = ("reference",)
+MODES = ("reference", "selfextend", "rerope")
 DECODES = ("shifted", "reference")
 MAX_LENGTH = _C.MAX_LENGTH
 
@@ -36,7 +36,11 @@ class LampeConfig:
     mapping_length: U as an int, a preset name ("llama2", "llama3", "mistral", "llama3.1") whose
         scaled sigmoid picks U from the prompt length, or "auto" (the generic rule scaled from
         ``pretrained_window``; see docs/mapping_length.md).
-    mode: "reference" reproduces the authors' prefill, duplicated boundary keys included.
+    mode: "reference" is LaMPE and reproduces the authors' prefill, duplicated boundary keys
+        included. "selfextend" and "rerope" are the baselines SelfExtend (Jin et al. 2024) and
+        ReRoPE (Su 2023) as position policies over the same kernels: ``window`` is their
+        neighbour window, and for SelfExtend ``mapping_length`` is the group size G (see
+        :meth:`selfextend`, :meth:`rerope`).
     temperature: the RoPE amplitude s (cos and sin are multiplied by s; logits by s^2).
     decode: "shifted" (lampe's exact partition for every row after the prompt, spec §0) or
         "reference" (the authors' kpos = m[j]; only ``Plan.table``/``regions`` support it and only
@@ -107,6 +111,18 @@ class LampeConfig:
                     pretrained_window=pretrained_window)
         base.update(changes)
         return cls(**base)
+
+    @classmethod
+    def selfextend(cls, window: int, group: int, **changes) -> "LampeConfig":
+        """SelfExtend: true positions within ``window``, floor(pos / group) beyond (no temperature)."""
+        return cls(**dict(dict(window=window, sink=1, mapping_length=group, mode="selfextend", temperature=1.0,
+                               active_from=0), **changes))
+
+    @classmethod
+    def rerope(cls, window: int, **changes) -> "LampeConfig":
+        """ReRoPE: true positions within ``window``; every farther key at relative position ``window``."""
+        return cls(**dict(dict(window=window, sink=1, mapping_length=1, mode="rerope", temperature=1.0,
+                               active_from=0), **changes))
 
     def replace(self, **changes) -> "LampeConfig":
         return replace(self, **changes)

@@ -134,7 +134,10 @@ def text_file(path: str | os.PathLike, encoding: str = "utf-8") -> str:
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"text file not found: {p}")
-    raw = _decompress_any(p.read_bytes())
+    raw = p.read_bytes()
+    # Trust the suffix, not magic bytes: a plain text may well begin with "BZh".
+    if p.suffix.lower() in (".gz", ".bz2", ".xz"):
+        raw = _decompress_any(raw)
     return raw.decode(encoding, errors="replace")
 
 
@@ -145,7 +148,8 @@ def available() -> dict[str, bool]:
     """
     out = {}
     for name, src in BOOKS.items():
-        out[name] = _text_cache(name).is_file() or _find_local_library(src) is not None
+        out[name] = (_text_cache(name).is_file() or _find_local_library(src) is not None
+                     or _cached_deb(src.deb) is not None)
     return out
 
 
@@ -159,15 +163,12 @@ def _has_data(libdir: Path) -> bool:
 
 
 def _find_local_library(src: _Source) -> Path | None:
-    """An R package directory already on disk: installed, unpacked in the cache, or a cached .deb."""
+    """An R package directory already on disk: installed, or unpacked in the cache."""
     for root in _R_LIBRARY_ROOTS:
         cand = Path(root) / src.rpkg
         if _has_data(cand):
             return cand
-    unpacked = _unpacked_library(src)
-    if unpacked is not None:
-        return unpacked
-    return None
+    return _unpacked_library(src)
 
 
 def _unpacked_library(src: _Source) -> Path | None:
@@ -263,7 +264,13 @@ def _unpack_deb_python(deb_file: Path, dest: Path) -> None:
         if name.endswith(".zst"):
             raise RuntimeError(f"{deb_file}: data.tar.zst needs dpkg-deb (install dpkg) to unpack")
         with tarfile.open(fileobj=io.BytesIO(body), mode="r:*") as tar:
-            tar.extractall(dest, filter="data")
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(dest, filter="data")
+            else:  # Python without extraction filters: refuse anything escaping dest ourselves
+                for m in tar.getmembers():
+                    if m.name.startswith("/") or ".." in Path(m.name).parts or m.issym() or m.islnk():
+                        continue
+                    tar.extract(m, dest)
         return
     raise RuntimeError(f"{deb_file}: no data.tar member found")
 
@@ -302,11 +309,11 @@ def _read_package_data(lib: Path, names: set[str]) -> dict[str, Any]:
     data = lib / "data"
     if (data / "Rdata.rdx").is_file():
         return read_lazyload_db(data / "Rdata", names)
-    # Packages installed without lazy data keep one .rda/.RData file per data set.
+    # Packages installed without lazy data keep .rda/.RData files; an object's name need not match
+    # its file's, so read them all (they are small) and keep what was asked for.
     out: dict[str, Any] = {}
     for f in sorted(list(data.glob("*.rda")) + list(data.glob("*.RData"))):
-        if f.stem in names or not names:
-            out.update(read_rda(f))
+        out.update({k: v for k, v in read_rda(f).items() if not names or k in names})
     return out
 
 
@@ -507,12 +514,11 @@ class _Reader:
             return self._pairlist(t, has_attr, has_tag)
         if t == _ALTREP:
             return self._altrep()
-        if t in (SPECIALSXP, BUILTINSXP):
-            n = self.int()
-            return RObject(t, bytes(self._take(n)).decode("ascii"))
         if t == CHARSXP:
             return self.string(levels)
-        if t == S4SXP:
+        if t in (SPECIALSXP, BUILTINSXP):
+            obj = RObject(t, bytes(self._take(self.int())).decode("ascii"))
+        elif t == S4SXP:
             obj = RObject(S4SXP, None)
         elif t == EXTPTRSXP:
             obj = RObject(t, None)
@@ -558,18 +564,17 @@ class _Reader:
     def _pairlist(self, t: int, has_attr: bool, has_tag: bool) -> RObject:
         # Pairlists chain through their CDR; walk the chain in a loop so that a long one (e.g. a
         # big environment frame) cannot exhaust Python's recursion limit.
-        head = RObject(t if t not in (_ATTRLANGSXP, _ATTRLISTSXP) else (LANGSXP if t == _ATTRLANGSXP else LISTSXP), [])
+        # ATTRLANGSXP/ATTRLISTSXP are the stream's spelling of a LANGSXP/LISTSXP with attributes.
         if t in (_ATTRLANGSXP, _ATTRLISTSXP):
-            has_attr = True
+            t, has_attr = (LANGSXP if t == _ATTRLANGSXP else LISTSXP), True
+        head = RObject(t, [])
         cells = head.value
         first = True
         while True:
             attrs = _attr_dict(self.item()) if has_attr else {}
             tag = self.item() if has_tag else None
-            if isinstance(tag, RObject) and tag.sexptype == SYMSXP:
-                tag = tag.value
-            elif isinstance(tag, _Persist) or isinstance(tag, RObject):
-                tag = None
+            # Tags are symbols for lists; closures and promises put an environment there instead.
+            tag = tag.value if isinstance(tag, RObject) and tag.sexptype == SYMSXP else None
             car = self.item()
             if first:
                 head.attrs = attrs

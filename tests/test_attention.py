@@ -191,3 +191,12 @@ print((after - before) / 1024)
     assert res.returncode == 0, res.stderr
     growth_mib = float(res.stdout.strip().splitlines()[-1])
     assert growth_mib < 512, f"peak RSS grew by {growth_mib:.0f} MiB"
+
+
+@pytest.mark.parametrize("cfg", [C.selfextend(window=16, group=4), C.rerope(window=16)], ids=["selfextend", "rerope"])
+def test_baseline_policies_kernel(isa, rng, cfg):
+    check(rng, 1, 4, 2, 90, 90, 64, "float32", cfg)
+    check(rng, 1, 4, 2, 1, 90, 64, "float32", cfg)  # a decode-like single row
+    with pytest.raises(ValueError, match="prompt_length"):
+        lampe.attention(*make(rng, 1, 2, 1, 3, 30, 64, "float32")[:3], config=cfg, inv_freq=inv_freq(64),
+                        prompt_length=20)  # baselines have no rows after their plan

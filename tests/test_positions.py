@@ -272,3 +272,24 @@ def test_mapping_length_generic_rule():
         lampe.mapping_length(100, "llama9")
     with pytest.raises(ValueError, match="mapping_length"):
         lampe.LampeConfig(mapping_length="gpt")
+
+
+@pytest.mark.parametrize("mode", ["selfextend", "rerope"])
+def test_baseline_policies_relative_positions(mode, rng):
+    """SelfExtend and ReRoPE from their papers, checked entry by entry on plan.table()."""
+    for _ in range(20):
+        w, G, L = int(rng.integers(1, 20)), int(rng.integers(1, 9)), int(rng.integers(1, 200))
+        cfg = lampe.LampeConfig.selfextend(window=w, group=G) if mode == "selfextend" else lampe.LampeConfig.rerope(w)
+        t = lampe.plan(L, cfg).table()
+        for q, k, qp, kp in zip(t["query"], t["key"], t["qpos"], t["kpos"]):
+            d = q - k
+            if d < w:
+                assert qp - kp == d
+            elif mode == "selfextend":
+                assert qp - kp == q // G + w - w // G - k // G
+            else:
+                assert qp - kp == w
+        # an exact partition of the causal set
+        assert len(t) == L * (L + 1) // 2
+    with pytest.raises(ValueError, match="beyond the planned length"):
+        lampe.plan(10, lampe.LampeConfig.rerope(3)).regions(10)

@@ -162,6 +162,9 @@ int lampe_attention(const lampe_attn_params *p)
         if (s->plan) {
             if (!s->plan->mapped_ids || s->plan->length < 1) return LAMPE_ERR_ARG;
             if (s->plan->decode != LAMPE_DECODE_SHIFTED) return LAMPE_ERR_UNSUPPORTED;
+            /* the baselines have no rows after their plan: it must cover every key */
+            if (s->plan->mode != LAMPE_MODE_REFERENCE && s->plan->length < p->kv_len - s->key_offset)
+                return LAMPE_ERR_ARG;
         }
     }
     if (p->batch == 0 || p->q_len == 0) return LAMPE_OK;

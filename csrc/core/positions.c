@@ -46,11 +46,24 @@ int lampe_plan_make(lampe_plan *plan, int64_t L, int64_t H, int64_t T, int64_t U
 {
     if (!plan || !m) return LAMPE_ERR_ARG;
     if (L < 1 || H < 1 || T < 1 || U < 1) return LAMPE_ERR_ARG;
-    if (mode != LAMPE_MODE_REFERENCE) return LAMPE_ERR_ARG;
+    if (mode != LAMPE_MODE_REFERENCE && mode != LAMPE_MODE_SELFEXTEND && mode != LAMPE_MODE_REROPE)
+        return LAMPE_ERR_ARG;
     if (decode != LAMPE_DECODE_SHIFTED && decode != LAMPE_DECODE_REFERENCE) return LAMPE_ERR_ARG;
     if (L > LAMPE_MAX_LENGTH || U > LAMPE_MAX_LENGTH || H > LAMPE_MAX_LENGTH ||
         T > LAMPE_MAX_LENGTH)
         return LAMPE_ERR_LENGTH;
+    if (mode != LAMPE_MODE_REFERENCE) { /* baselines: fixed position maps, no sink, no offsets */
+        memset(plan, 0, sizeof(*plan));
+        for (int64_t p = 0; p < L; p++) m[p] = mode == LAMPE_MODE_SELFEXTEND ? p / U : 0;
+        plan->length = L;
+        plan->window = H;
+        plan->sink = T;
+        plan->mapping_length = U;
+        plan->mode = mode;
+        plan->decode = decode;
+        plan->mapped_ids = m;
+        return LAMPE_OK;
+    }
     int st = lampe_mapped_ids(L, U, m);
     if (st != LAMPE_OK) return st;
 
@@ -101,6 +114,14 @@ int lampe_plan_regions(const lampe_plan *pl, int64_t i, lampe_region *out, int *
     const int64_t b1 = pl->bias_map, b2 = pl->bias_sink;
     const int64_t *m = pl->mapped_ids;
 
+    if (pl->mode != LAMPE_MODE_REFERENCE) {
+        if (i >= L) return LAMPE_ERR_ARG; /* baselines plan the total length: no rows after it */
+        const int64_t lo = i - H + 1;
+        put(out, count, LAMPE_REGION_LOCAL, 0, lo > 0 ? lo : 0, i, i, 0);
+        const int64_t q = pl->mode == LAMPE_MODE_SELFEXTEND ? i / pl->mapping_length + H - H / pl->mapping_length : H;
+        put(out, count, LAMPE_REGION_MAP, 1, 0, i - H, q, 0);
+        return LAMPE_OK;
+    }
     if (pl->fallback) { /* §2.2 / §2.4 */
         put(out, count, LAMPE_REGION_FULL, 0, 0, i, i, 0);
         return LAMPE_OK;

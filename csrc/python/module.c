@@ -202,10 +202,10 @@ static PyObject *py_build_info(PyObject *self, PyObject *args)
 static PyObject *py_plan(PyObject *self, PyObject *args, PyObject *kw)
 {
     (void)self;
-    static char *kwlist[] = {"length", "window", "sink", "mapping_length", "decode", NULL};
+    static char *kwlist[] = {"length", "window", "sink", "mapping_length", "decode", "mode", NULL};
     long long L, H, T, U;
-    int decode = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "LLLL|i:plan", kwlist, &L, &H, &T, &U, &decode)) return NULL;
+    int decode = 0, mode = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "LLLL|ii:plan", kwlist, &L, &H, &T, &U, &decode, &mode)) return NULL;
     if (L < 1) return PyErr_Format(PyExc_ValueError, "length must be >= 1, got %lld", L);
     if (L > LAMPE_MAX_LENGTH)
         return PyErr_Format(PyExc_ValueError, "length %lld is above the supported maximum 2^24 = %lld "
@@ -219,7 +219,7 @@ static PyObject *py_plan(PyObject *self, PyObject *args, PyObject *kw)
     PyArrayObject *m = (PyArrayObject *)PyArray_SimpleNew(1, dims, NPY_INT64);
     if (!m) return NULL;
     lampe_plan plan;
-    int st = lampe_plan_make(&plan, L, H, T, U, LAMPE_MODE_REFERENCE, decode, (int64_t *)PyArray_DATA(m));
+    int st = lampe_plan_make(&plan, L, H, T, U, mode, decode, (int64_t *)PyArray_DATA(m));
     if (st == LAMPE_ERR_SINK) {
         Py_DECREF(m);
         return PyErr_Format(PyExc_ValueError,
@@ -241,10 +241,14 @@ static int plan_from_tuple(PyObject *t, lampe_plan *plan, PyArrayObject **keep)
 {
     PyObject *mo;
     long long L, H, T, U, R, b1, b2;
-    int fb, decode;
-    if (!PyArg_ParseTuple(t, "OLLLLLLLii;plan must be a tuple (mapped_ids, L, H, T, U, R, b1, b2, fallback, decode)",
-                          &mo, &L, &H, &T, &U, &R, &b1, &b2, &fb, &decode))
+    int fb, decode, mode;
+    if (!PyArg_ParseTuple(t, "OLLLLLLLiii;plan must be a tuple (mapped_ids, L, H, T, U, R, b1, b2, fallback, decode, mode)",
+                          &mo, &L, &H, &T, &U, &R, &b1, &b2, &fb, &decode, &mode))
         return 0;
+    if (mode < LAMPE_MODE_REFERENCE || mode > LAMPE_MODE_REROPE) {
+        PyErr_SetString(PyExc_ValueError, "plan: unknown mode");
+        return 0;
+    }
     PyArrayObject *m;
     if (!check_array(mo, "plan.mapped_ids", NPY_INT64, 1, &m)) return 0;
     if (!PyArray_IS_C_CONTIGUOUS(m) || PyArray_DIM(m, 0) != L || L < 1) {
@@ -261,8 +265,9 @@ static int plan_from_tuple(PyObject *t, lampe_plan *plan, PyArrayObject **keep)
     plan->bias_sink = b2;
     plan->fallback = fb;
     plan->decode = decode;
+    plan->mode = mode;
     plan->mapped_ids = (const int64_t *)PyArray_DATA(m);
-    if (H < 1 || R < 0 || (!fb && (R < 1 || R > L - H))) {
+    if (H < 1 || U < 1 || R < 0 || (mode == LAMPE_MODE_REFERENCE && !fb && (R < 1 || R > L - H))) {
         PyErr_SetString(PyExc_ValueError, "plan: inconsistent fields");
         return 0;
     }
@@ -295,6 +300,12 @@ static PyObject *py_regions(PyObject *self, PyObject *args)
         if (position < 0) {
             Py_DECREF(out);
             return PyErr_Format(PyExc_ValueError, "position must be >= 0, got %lld", (long long)position);
+        }
+        if (plan.mode != LAMPE_MODE_REFERENCE && position >= plan.length) {
+            Py_DECREF(out);
+            return PyErr_Format(PyExc_ValueError, "position %lld is beyond the planned length %lld: SelfExtend and "
+                                "ReRoPE plans cover every position below their length (plan the total length)",
+                                (long long)position, (long long)plan.length);
         }
         lampe_region r[LAMPE_MAX_REGIONS];
         int cnt = 0;

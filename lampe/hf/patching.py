@@ -234,8 +234,10 @@ class LampeHandle:
         plans = cache._lampe_plans if cache is not None else {}
         threshold = self.config.active_from if self.config.active_from is not None else 0
         prompt = []
+        if self.config.mode != "reference":  # baseline policies: every row plans its total length
+            threshold, plans = 0, {}
         for b in range(B):
-            if b in plans:
+            if b in plans and self.config.mode == "reference":
                 prompt.append(plans[b])
             elif totals[b] > threshold:
                 prompt.append(totals[b])

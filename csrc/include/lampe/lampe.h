@@ -61,7 +61,16 @@ int lampe_default_threads(void);
 
 /* ------------------------------------------------------------------ position planner (§1-§2, §0) */
 
-typedef enum { LAMPE_MODE_REFERENCE = 0 } lampe_mode;
+/*
+ * LAMPE_MODE_REFERENCE is LaMPE (§1-§2). The two baselines are position policies over the same
+ * kernels, for like-for-like evaluation (every row is a "prompt row": plan the total length):
+ *   LAMPE_MODE_SELFEXTEND (Jin et al. 2024, "LLM Maybe LongLM"): keys within `window` of the query
+ *     keep true positions; farther keys get floor(j / G) with G = mapping_length ("group size"),
+ *     the query floor(i / G) + window - floor(window / G).
+ *   LAMPE_MODE_REROPE (Su 2023, "ReRoPE"): true positions within `window`; every farther key is
+ *     seen at relative position `window` (query at `window`, key at 0).
+ */
+typedef enum { LAMPE_MODE_REFERENCE = 0, LAMPE_MODE_SELFEXTEND = 1, LAMPE_MODE_REROPE = 2 } lampe_mode;
 typedef enum { LAMPE_DECODE_SHIFTED = 0, LAMPE_DECODE_REFERENCE = 1 } lampe_decode;
 
 typedef struct lampe_plan {
