@@ -6,7 +6,7 @@
 """
 from ._version import __version__
 from . import _C
-from .config import DEFAULT_TEMPERATURE, PRESETS, LampeConfig, mapping_length
+from .config import DEFAULT_TEMPERATURE, PRESETS, LampeConfig, MappingSigmoid, mapping_length
 from .positions import Plan, Region, plan
 from .rotary import rope
 from .attention import attention
@@ -27,9 +27,15 @@ def patched(model, config=None, **kwargs):
     return _patched(model, config, **kwargs)
 
 
+def calibrate(model, text, lengths, tokenizer=None, **kwargs):
+    """Fit a length-aware mapping length for a new model (see :mod:`lampe.eval.calibrate`)."""
+    from .eval.calibrate import calibrate as _calibrate
+    return _calibrate(model, text, lengths, tokenizer=tokenizer, **kwargs)
+
+
 def is_patched(model) -> bool:
     return getattr(model, "_lampe_handle", None) is not None
 
 
-__all__ = ["patch", "patched", "is_patched", "__version__", "LampeConfig", "Plan", "Region", "plan", "mapping_length", "rope", "attention",
+__all__ = ["patch", "patched", "is_patched", "calibrate", "MappingSigmoid", "__version__", "LampeConfig", "Plan", "Region", "plan", "mapping_length", "rope", "attention",
            "reference", "available_isas", "set_cpu_isa", "show_config", "DEFAULT_TEMPERATURE", "PRESETS"]

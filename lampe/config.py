@@ -28,6 +28,24 @@ def _check_int(name, value, minimum=1, maximum=MAX_LENGTH):
 
 
 @dataclass(frozen=True)
+class MappingSigmoid:
+    """A scaled sigmoid U(L) = int(lmax / (1 + exp(-(a L + b)))) (spec §4), e.g. fitted by
+    lampe.calibrate; lengths below ``threshold`` use ``below``. Usable as a mapping_length."""
+
+    a: float
+    b: float
+    lmax: float
+    threshold: int = 0
+    below: int = 0
+
+    def __call__(self, length: int) -> int:
+        if self.threshold and length < self.threshold:
+            return int(self.below)
+        u = self.lmax / (1.0 + math.exp(-(self.a * length + self.b)))
+        return int(min(max(u, 1.0), MAX_LENGTH))
+
+
+@dataclass(frozen=True)
 class LampeConfig:
     """Settings of LaMPE attention.
 
@@ -52,7 +70,7 @@ class LampeConfig:
 
     window: int = 512
     sink: int = 200
-    mapping_length: Union[int, str] = 1536
+    mapping_length: Union[int, str, "MappingSigmoid"] = 1536
     mode: str = "reference"
     temperature: float = DEFAULT_TEMPERATURE
     decode: str = "shifted"
@@ -63,7 +81,9 @@ class LampeConfig:
         object.__setattr__(self, "window", _check_int("window", self.window))
         object.__setattr__(self, "sink", _check_int("sink", self.sink))
         u = self.mapping_length
-        if isinstance(u, str):
+        if isinstance(u, MappingSigmoid):
+            pass
+        elif isinstance(u, str):
             if u not in PRESETS and u != "auto":
                 raise ValueError(f"mapping_length: unknown preset {u!r}; expected an int, one of {PRESETS} or 'auto'")
         else:
@@ -89,6 +109,8 @@ class LampeConfig:
         u = self.mapping_length
         if isinstance(u, int):
             return u
+        if isinstance(u, MappingSigmoid):
+            return u(length)
         if u == "auto":
             if self.pretrained_window is None:
                 raise ValueError("mapping_length='auto' needs pretrained_window (the model's pretraining context)")

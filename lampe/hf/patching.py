@@ -131,8 +131,12 @@ class LampeHandle:
     def __repr__(self):
         c = self.config
         u = c.mapping_length
-        rule = (f"preset {u!r}" if isinstance(u, str) and u != "auto"
-                else f"generic rule from W={c.pretrained_window}" if u == "auto" else f"fixed {u}")
+        if isinstance(u, str):
+            rule = f"preset {u!r}" if u != "auto" else f"generic rule from W={c.pretrained_window}"
+        elif isinstance(u, int):
+            rule = f"fixed {u}"
+        else:
+            rule = f"sigmoid a={u.a:.4g} b={u.b:.4g} Lmax={u.lmax:.4g}"
         model = self._model()
         dev = {str(p.device) for p in model.parameters()} if model is not None else set()
         backends = {d: ("C kernel" if d == "cpu" and self.backend in ("auto", "c") else "torch") for d in sorted(dev)}
