@@ -2,8 +2,7 @@
 
 For each input length L, scan candidate mapping lengths U, keep the one with the lowest
 perplexity on the last tokens of real text, then fit the scaled sigmoid
-U(L) = Lmax / (1 + exp(-(a L + b))) to the best (L, U) pairs: Lmax a little above the largest
-best U, then a and b by least squares on the logit log(U / (Lmax - U)) = a L + b.
+U(L) = Lmax / (1 + exp(-(a L + b))) to the best (L, U) pairs (see fit_sigmoid).
 """
 from __future__ import annotations
 
@@ -46,12 +45,19 @@ def calibrate(model, text, lengths: Sequence[int], tokenizer=None, candidates: O
 
 
 def fit_sigmoid(lengths: Sequence[int], best: Sequence[int]) -> MappingSigmoid:
+    """Least-squares scaled sigmoid through (length, best U) points: for each candidate Lmax
+    above the largest U, a and b by linear regression on the logit; keep the Lmax whose curve
+    is closest to the points."""
     L = np.asarray(lengths, dtype=np.float64)
     U = np.asarray(best, dtype=np.float64)
-    lmax = float(U.max()) * 1.05 + 1.0
-    y = np.log(U / (lmax - U))
-    if len(L) >= 2 and np.ptp(L) > 0:
-        a, b = np.polyfit(L, y, 1)
-    else:
-        a, b = 0.0, float(y[0])
-    return MappingSigmoid(a=float(a), b=float(b), lmax=lmax)
+    if len(L) < 2 or np.ptp(L) == 0:
+        lmax = float(U.max()) * 2.0
+        return MappingSigmoid(a=0.0, b=float(np.log(U.mean() / (lmax - U.mean()))), lmax=lmax)
+    best_fit = None
+    for lmax in float(U.max()) * np.geomspace(1.01, 4.0, 200):
+        a, b = np.polyfit(L, np.log(U / (lmax - U)), 1)
+        err = float(np.sum((lmax / (1.0 + np.exp(-(a * L + b))) - U) ** 2))
+        if best_fit is None or err < best_fit[0]:
+            best_fit = (err, float(a), float(b), float(lmax))
+    _, a, b, lmax = best_fit
+    return MappingSigmoid(a=a, b=b, lmax=lmax)
