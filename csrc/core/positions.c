@@ -52,21 +52,6 @@ int lampe_plan_make(lampe_plan *plan, int64_t L, int64_t H, int64_t T, int64_t U
     if (L > LAMPE_MAX_LENGTH || U > LAMPE_MAX_LENGTH || H > LAMPE_MAX_LENGTH ||
         T > LAMPE_MAX_LENGTH)
         return LAMPE_ERR_LENGTH;
-    if (mode != LAMPE_MODE_REFERENCE) { /* baselines: fixed position maps, no sink, no offsets */
-        memset(plan, 0, sizeof(*plan));
-        for (int64_t p = 0; p < L; p++) m[p] = mode == LAMPE_MODE_SELFEXTEND ? p / U : 0;
-        plan->length = L;
-        plan->window = H;
-        plan->sink = T;
-        plan->mapping_length = U;
-        plan->mode = mode;
-        plan->decode = decode;
-        plan->mapped_ids = m;
-        return LAMPE_OK;
-    }
-    int st = lampe_mapped_ids(L, U, m);
-    if (st != LAMPE_OK) return st;
-
     memset(plan, 0, sizeof(*plan));
     plan->length = L;
     plan->window = H;
@@ -75,6 +60,12 @@ int lampe_plan_make(lampe_plan *plan, int64_t L, int64_t H, int64_t T, int64_t U
     plan->mode = mode;
     plan->decode = decode;
     plan->mapped_ids = m;
+    if (mode != LAMPE_MODE_REFERENCE) { /* baselines: fixed position maps, no sink, no offsets */
+        for (int64_t p = 0; p < L; p++) m[p] = mode == LAMPE_MODE_SELFEXTEND ? p / U : 0;
+        return LAMPE_OK;
+    }
+    int st = lampe_mapped_ids(L, U, m);
+    if (st != LAMPE_OK) return st;
     plan->fallback = L < 2 * H;
 
     /* §1.2: R is the last index of the chunk holding index T, then used as a count. */

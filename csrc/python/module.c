@@ -376,6 +376,21 @@ static PyObject *py_sigmoid_params(PyObject *self, PyObject *args)
                          (long long)s.threshold, "below", (long long)s.below);
 }
 
+/* rotary_dim even in [0, D] and inv_freq a contiguous float32 array of rotary_dim / 2 entries. */
+static int check_rotary(PyArrayObject *freq, long long rotary_dim, int64_t D)
+{
+    if (rotary_dim < 0 || rotary_dim > D || rotary_dim % 2) {
+        PyErr_Format(PyExc_ValueError, "rotary_dim must be even and in [0, %lld], got %lld", (long long)D, rotary_dim);
+        return 0;
+    }
+    if (PyArray_DIM(freq, 0) != rotary_dim / 2 || !PyArray_IS_C_CONTIGUOUS(freq)) {
+        PyErr_Format(PyExc_ValueError, "inv_freq must be a contiguous float32 array of rotary_dim/2 = %lld entries, "
+                     "got %lld", rotary_dim / 2, (long long)PyArray_DIM(freq, 0));
+        return 0;
+    }
+    return 1;
+}
+
 /* ------------------------------------------------------------------ rope */
 
 static PyObject *py_rope(PyObject *self, PyObject *args, PyObject *kw)
@@ -404,12 +419,7 @@ static PyObject *py_rope(PyObject *self, PyObject *args, PyObject *kw)
     if (!check_array(fo, "inv_freq", NPY_FLOAT32, 1, &freq)) return NULL;
     const int64_t B = PyArray_DIM(src, 0), Hh = PyArray_DIM(src, 1), L = PyArray_DIM(src, 2), D = PyArray_DIM(src, 3);
     if (D < 1) return PyErr_Format(PyExc_ValueError, "x: head dimension must be >= 1");
-    if (rotary_dim < 0 || rotary_dim > D || rotary_dim % 2)
-        return PyErr_Format(PyExc_ValueError, "rotary_dim must be even and in [0, %lld], got %lld", (long long)D,
-                            rotary_dim);
-    if (PyArray_DIM(freq, 0) != rotary_dim / 2 || !PyArray_IS_C_CONTIGUOUS(freq))
-        return PyErr_Format(PyExc_ValueError, "inv_freq must be a contiguous float32 array of rotary_dim/2 = %lld "
-                            "entries, got %lld", rotary_dim / 2, (long long)PyArray_DIM(freq, 0));
+    if (!check_rotary(freq, rotary_dim, D)) return NULL;
     int64_t pos_sb = 0;
     if (!PyArray_IS_C_CONTIGUOUS(pos)) return PyErr_Format(PyExc_ValueError, "positions must be contiguous");
     if (PyArray_NDIM(pos) == 1) {
@@ -502,10 +512,7 @@ static PyObject *py_attention(PyObject *self, PyObject *args, PyObject *kw)
     if (!PyList_Check(plo) || PyList_GET_SIZE(plo) != B)
         return PyErr_Format(PyExc_TypeError, "plans must be a list of B entries (None or a plan tuple)");
     if (!check_array(fo, "inv_freq", NPY_FLOAT32, 1, &freq)) return NULL;
-    if (rotary_dim < 0 || rotary_dim > D || rotary_dim % 2)
-        return PyErr_Format(PyExc_ValueError, "rotary_dim must be even and in [0, %lld], got %lld", (long long)D, rotary_dim);
-    if (PyArray_DIM(freq, 0) != rotary_dim / 2 || !PyArray_IS_C_CONTIGUOUS(freq))
-        return PyErr_Format(PyExc_ValueError, "inv_freq must have rotary_dim/2 = %lld entries", rotary_dim / 2);
+    if (!check_rotary(freq, rotary_dim, D)) return NULL;
     int64_t tab_len = 0;
     if (co != Py_None) {
         if (!check_array(co, "rope_cos", NPY_FLOAT32, 2, &tc) || !check_array(so, "rope_sin", NPY_FLOAT32, 2, &ts)) return NULL;
