@@ -100,6 +100,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    import math
     import os
     import time
 
@@ -129,12 +130,31 @@ def cmd_demo(args) -> int:
             acc = ok / (args.samples * len(depths))
             results[(method, L)] = acc
             print(f"  {method:<9} L={L:>6} ({L / W:g}x W): accuracy {acc:4.0%}   {' '.join(answers[:6])}", flush=True)
+    # Perplexity on held-out real text, when it is already on this machine (the demo stays offline).
+    ppl = {}
+    try:
+        from . import data
+        text = data.book("persuasion") if data.available().get("persuasion") else None
+    except Exception:  # no cached text: skip, the passkey part is the demo
+        text = None
+    if text is not None:
+        ids = T.tokenize_text(tok, text, max_tokens=3 * max(lengths) + 1)
+        print("perplexity of the last 128 tokens of Persuasion (held out):")
+        for method in ("original", "lampe"):
+            row = []
+            for L in lengths:
+                with M.apply(model, method, L):
+                    r = [T.perplexity(model, tok, ids, L, 128, offset=7919 * (k + 1))["loss"] for k in range(2)]
+                ppl[(method, L)] = math.exp(sum(r) / len(r))
+                row.append(f"{L / W:g}x {ppl[(method, L)]:7.2f}")
+            print(f"  {method:<9} " + "   ".join(row), flush=True)
     out = args.out or "lampe-demo.png"
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(5, 3.2))
+        fig, axes = plt.subplots(1, 2 if ppl else 1, figsize=(9 if ppl else 5, 3.2), squeeze=False)
+        ax = axes[0, 0]
         for method in ("original", "lampe"):
             ax.plot([L / W for L in lengths], [results[(method, L)] for L in lengths], marker="o",
                     label="LaMPE (lampe.patch)" if method == "lampe" else "original")
@@ -144,6 +164,16 @@ def cmd_demo(args) -> int:
         ax.set_ylabel("passkey accuracy")
         ax.set_title(f"{args.model}: passkey retrieval")
         ax.legend()
+        if ppl:
+            ax = axes[0, 1]
+            for method in ("original", "lampe"):
+                ax.plot([L / W for L in lengths], [ppl[(method, L)] for L in lengths], marker="o", label=method)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("input length / pretrained window")
+            ax.set_ylabel("perplexity (last 128 tokens)")
+            ax.set_title("held-out text")
+            ax.legend()
         fig.tight_layout()
         fig.savefig(out, dpi=110)
         print(f"plot: {os.path.abspath(out)}")
