@@ -19,7 +19,7 @@ struct lampe_attn_plan; /* defined in attention.h */
 
 typedef struct lampe_kernels {
     lampe_isa isa;
-    /* Rotate tokens [t0, t1) of every (batch, head) row; scratch holds 3 * head_dim floats. */
+    /* Rotate tokens [t0, t1) of every (batch, head) row; scratch: 32 * rotary_dim + head_dim floats. */
     void (*rope_tokens)(const lampe_rope_params *p, int64_t t0, int64_t t1, float *scratch);
     /* One attention work item (a query tile, or one key chunk of it). */
     void (*attn_item)(const struct lampe_attn_plan *ap, int64_t item, float *scratch);

@@ -14,13 +14,14 @@ static void rope_task(void *ctx, int tid, int nth)
 {
     rope_job *job = (rope_job *)ctx;
     const lampe_rope_params *p = job->p;
-    float *scratch = (float *)malloc((size_t)(3 * p->head_dim) * sizeof(float));
+    /* cos and sin of 32 tokens (see rope_impl.h) and one row */
+    float *scratch = (float *)malloc((size_t)(32 * p->rotary_dim + p->head_dim + 16) * sizeof(float));
     if (!scratch) {
         job->failed = 1;
         return;
     }
-    /* Static split: every token costs the same. */
-    const int64_t per = (p->tokens + nth - 1) / nth;
+    /* Static split in whole chunks of 32 tokens: every token costs the same. */
+    const int64_t per = ((p->tokens + nth - 1) / nth + 31) / 32 * 32;
     const int64_t t0 = per * tid, t1 = t0 + per < p->tokens ? t0 + per : p->tokens;
     if (t0 < t1) job->k->rope_tokens(p, t0, t1, scratch);
     free(scratch);

@@ -47,23 +47,34 @@ static inline void rope_row_f32(float *x, const float *c, const float *s, int64_
 
 static inline size_t dtype_size(int dtype) { return dtype == LAMPE_F32 ? 4 : 2; }
 
+/* Tokens are taken in chunks of ROPE_TT: cos/sin of a chunk are computed once, then each
+ * (batch, head) walks its chunk of rows contiguously (one head after another keeps the access
+ * sequential; token-major order would touch `heads` distant pages per token). */
+#define ROPE_TT 32
+
 static void rope_tokens(const lampe_rope_params *p, int64_t t0, int64_t t1, float *scratch)
 {
     const int64_t D = p->head_dim, n2 = p->rotary_dim / 2;
     const size_t es = dtype_size(p->dtype);
-    float *c = scratch, *s = scratch + D, *row = scratch + 2 * D;
+    float *c = scratch, *s = scratch + ROPE_TT * n2, *row = scratch + 2 * ROPE_TT * n2;
     const char *src = (const char *)p->src;
     char *dst = (char *)p->dst;
-    for (int64_t t = t0; t < t1; t++) {
+    for (int64_t c0 = t0; c0 < t1; c0 += ROPE_TT) {
+        const int64_t nt = c0 + ROPE_TT <= t1 ? ROPE_TT : t1 - c0;
         for (int64_t b = 0; b < p->batch; b++) {
             if (b == 0 || p->pos_stride_b != 0)
-                rope_angles(p->positions[b * p->pos_stride_b + t], p->inv_freq, n2, p->amplitude, c, s);
+                for (int64_t i = 0; i < nt; i++)
+                    rope_angles(p->positions[b * p->pos_stride_b + c0 + i], p->inv_freq, n2, p->amplitude,
+                                c + i * n2, s + i * n2);
             for (int64_t h = 0; h < p->heads; h++) {
-                const char *xs = src + (size_t)(b * p->src_stride_b + h * p->src_stride_h + t * p->src_stride_t) * es;
-                char *xd = dst + (size_t)(b * p->dst_stride_b + h * p->dst_stride_h + t * p->dst_stride_t) * es;
-                cvt_row_to_f32(p->dtype, xs, row, D);
-                rope_row_f32(row, c, s, n2, p->layout);
-                cvt_row_from_f32(p->dtype, row, xd, D);
+                for (int64_t i = 0; i < nt; i++) {
+                    const int64_t t = c0 + i;
+                    const char *xs = src + (size_t)(b * p->src_stride_b + h * p->src_stride_h + t * p->src_stride_t) * es;
+                    char *xd = dst + (size_t)(b * p->dst_stride_b + h * p->dst_stride_h + t * p->dst_stride_t) * es;
+                    cvt_row_to_f32(p->dtype, xs, row, D);
+                    rope_row_f32(row, c + i * n2, s + i * n2, n2, p->layout);
+                    cvt_row_from_f32(p->dtype, row, xd, D);
+                }
             }
         }
     }
