@@ -111,7 +111,9 @@ def cmd_demo(args) -> int:
     t0 = time.time()
     model, tok = _load_model(args.model)
     W = pretrained_window(model.config)
-    lengths = [args.length] if args.length else [W, 2 * W, 4 * W, 8 * W]
+    # "1x": prompt plus the 8-token answer fit in the window, so the original model is in its
+    # element there; the other lengths are prompt lengths.
+    lengths = [args.length] if args.length else [W - 8, 2 * W, 4 * W, 8 * W]
     depths = [0.2, 0.5, 0.8]
     print(f"passkey retrieval with {args.model} (pretrained window {W} tokens); {args.samples} sample(s) x "
           f"{len(depths)} depths per length")
@@ -129,7 +131,7 @@ def cmd_demo(args) -> int:
                         answers.append(f"{r['key']}->{r['answer'] or '?'}")
             acc = ok / (args.samples * len(depths))
             results[(method, L)] = acc
-            print(f"  {method:<9} L={L:>6} ({L / W:g}x W): accuracy {acc:4.0%}   {' '.join(answers[:6])}", flush=True)
+            print(f"  {method:<9} L={L:>6} ({L / W:.2g}x W): accuracy {acc:4.0%}   {' '.join(answers[:6])}", flush=True)
     # Perplexity on held-out real text, when it is already on this machine (the demo stays offline).
     ppl = {}
     try:
@@ -146,7 +148,7 @@ def cmd_demo(args) -> int:
                 with M.apply(model, method, L):
                     r = [T.perplexity(model, tok, ids, L, 128, offset=7919 * (k + 1))["loss"] for k in range(2)]
                 ppl[(method, L)] = math.exp(sum(r) / len(r))
-                row.append(f"{L / W:g}x {ppl[(method, L)]:7.2f}")
+                row.append(f"{L / W:.2g}x {ppl[(method, L)]:7.2f}")
             print(f"  {method:<9} " + "   ".join(row), flush=True)
     out = args.out or "lampe-demo.png"
     try:

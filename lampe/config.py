@@ -122,8 +122,8 @@ class LampeConfig:
               **changes) -> "LampeConfig":
         """The authors' settings: window 512, sink 200, LaMPE whenever L >= 2H (active_from=0).
 
-        For models pretrained on fewer than 4096 tokens the window and sink keep the paper's
-        ratios to an 8K window (1/16 and 200/8192, at least 1 token). ``mapping_length`` defaults
+        For models pretrained on fewer than 4096 tokens the window and sink keep the ratios of the
+        authors' smallest-window model, Llama 2 at 4K (W/8 and W*200/4096, at least 1 token). ``mapping_length`` defaults
         to the generic rule when ``pretrained_window`` is known, else the fixed 1536 of the
         authors' LongBench runs."""
         window, sink = paper_sizes(pretrained_window) if pretrained_window else (512, 200)
@@ -152,12 +152,12 @@ class LampeConfig:
 
 def paper_sizes(pretrained_window: int):
     """(window, sink) of the paper for a model pretrained on ``pretrained_window`` tokens: the
-    authors used 512 and 200 for every model they ran (4K to 128K windows); below 4K the same
-    ratios to an 8K window."""
+    authors used 512 and 200 for every model they ran (4K to 128K windows). Below 4K lampe keeps
+    the ratios of their smallest-window model, Llama 2 (W = 4096): window W/8, sink W*200/4096."""
     W = int(pretrained_window)
     if W >= 4096:
         return 512, 200
-    return max(1, W * 512 // 8192), max(1, W * 200 // 8192)
+    return max(1, W * 512 // 4096), max(1, W * 200 // 4096)
 
 
 def mapping_length(length: int, preset: str, pretrained_window: Optional[int] = None) -> int:

@@ -285,12 +285,12 @@ def test_defaults_derived_from_the_model():
                                    max_position_embeddings=32768)
     assert hfpatch.default_config(m).mapping_length == "mistral"
     small = hfpatch.default_config(cfg(max_position_embeddings=256))
-    assert (small.window, small.sink, small.mapping_length) == (16, 6, "auto")
+    assert (small.window, small.sink, small.mapping_length) == (32, 12, "auto")  # W/8, W*200/4096
     h = lampe.patch(tiny("llama"))
     assert "generic rule from W=64" in repr(h) and "active_from=64" in repr(h)
     h.remove()
     h = lampe.patch(tiny("llama"), config="paper")
-    assert (h.config.window, h.config.sink, h.config.active_from) == (4, 1, 0)  # 512/8192 and 200/8192 of W=64
+    assert (h.config.window, h.config.sink, h.config.active_from) == (8, 3, 0)  # W/8 and W*200/4096 of W=64
     h.remove()
     assert lampe.LampeConfig.paper() == lampe.LampeConfig(window=512, sink=200, mapping_length=1536, active_from=0)
     assert (lampe.LampeConfig.paper(131072).window, lampe.LampeConfig.paper(131072).sink) == (512, 200)

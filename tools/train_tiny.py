@@ -4,11 +4,20 @@
     PYTHONPATH=. python tools/train_tiny.py --out lampe/assets/tiny-llama --minutes 20 --seed 0
 
 A 4-layer Llama (vocab 259: ids 0 pad, 1 bos, 2 eos, byte b -> b + 3, as ``lampe.models.ByteTokenizer``)
-is trained from scratch on 256-token sequences (its pretrained window W): ~60% synthetic passkey
-examples (the classic grass/sky/sun filler) and ~40% random windows of Jane Austen's novels
-(Persuasion excluded, it is the held-out text). Every ``--eval-every`` steps it measures in-window
-passkey accuracy (greedy 5-digit answer, 100 fresh examples of 128-256 tokens, varied depths)
-and stops at ``--target`` accuracy or after ``--minutes`` of wall-clock time.
+is trained from scratch with a three-phase curriculum keyed to the wall-clock budget:
+
+1. warm-up (first 25%): 64-token rows, half repeated random strings (induction) and half mini
+   passkey rows "The pass key is K. <filler>The pass key is K";
+2. short (next 20%): 128-token rows of the main mixture;
+3. main (rest): 256-token rows (the pretrained window W): 50% synthetic passkey examples (the
+   classic grass/sky/sun filler, answer digits weighted 5x), 25% repeated random strings with
+   Austen snippets between the copies, 25% random windows of Jane Austen's novels (Persuasion
+   excluded: it is the held-out text).
+
+Every ``--eval-every`` steps it measures in-window passkey accuracy (greedy 5-digit answer, 100
+fresh examples of 128-256 tokens, varied depths) and stops at ``--target`` accuracy or after
+``--minutes`` of wall-clock time. Why the curriculum: docs/tiny_model.md (the plain 60/40
+passkey/Austen mixture learned no retrieval at all in 20 minutes).
 
 Afterwards it saves ``config.json`` and ``model.safetensors`` (float16 storage; load in float32),
 reloads that checkpoint and evaluates passkey retrieval at 512/1024/2048 tokens for the plain model
@@ -23,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import random
 import shlex
@@ -95,7 +103,7 @@ def build_config(hidden: int, layers: int, heads: int, kv_heads: int, intermedia
 
 
 class Batches:
-    """Training batches: rows of exactly WINDOW tokens, (ids, targets, weights)."""
+    """Training batches ``(ids, targets, weights)``; rows are right-padded with PAD (weight 0)."""
 
     def __init__(self, text: str, seed: int, batch: int, passkey_frac: float, answer_weight: float,
                  min_len: int, copy_frac: float = 0.0):
@@ -113,7 +121,7 @@ class Batches:
     def copy_row(self, T: int) -> list[int]:
         """Synthetic induction data: a random string X (digits, letters, spaces) repeated several
         times with Austen snippets of random length between the copies; every copy after the
-        first can only be predicted by looking back. Returns T + 1 - 1 = T tokens (after bos)."""
+        first can only be predicted by looking back. Returns T tokens (bos not included)."""
         rng = self.rng
         x = "".join(rng.choice(_COPY_ALPHABET) for _ in range(rng.randint(6, min(40, T // 3))))
         out: list[int] = []
@@ -125,12 +133,32 @@ class Batches:
         return out[:T]
 
     def copy_batch(self, T: int):
-        """Only induction rows of T tokens (warm-up phase), as many rows as tokens allow."""
+        """Warm-up batch of short rows (T tokens, as many rows as the token budget allows):
+        half plain repeated random strings (induction), half mini passkey rows
+        "The pass key is K. <short filler>The pass key is K" with the second K weighted."""
         import torch
 
+        rng = self.rng
         B = self.batch * WINDOW // T
-        ids = torch.tensor([[BOS] + self.copy_row(T) for _ in range(B)])
-        return ids[:, :-1], ids[:, 1:], torch.ones(B, T - 0)[:, :T]
+        ids = torch.full((B, T + 1), PAD, dtype=torch.long)
+        w = torch.zeros(B, T)
+        for r in range(B):
+            if r % 2 == 0:
+                x = encode("".join(rng.choice(_COPY_ALPHABET) for _ in range(rng.randint(4, T // 3))))
+                row = [BOS] + (x * (T // len(x) + 2))[:T]
+                ids[r] = torch.tensor(row)
+                w[r] = 1.0
+            else:
+                key = str(rng.randint(10 ** (ANSWER_DIGITS - 1), 10 ** ANSWER_DIGITS - 1))
+                head, tail = f"The pass key is {key}. ", f"The pass key is {key}"
+                room = T - len(head) - len(tail)
+                text = head + _filler(rng, rng.randint(0, max(0, room))) + tail
+                row = [BOS] + encode(text)
+                n = len(row)
+                ids[r, :n] = torch.tensor(row)
+                w[r, :n - 1] = 1.0
+                w[r, n - 1 - ANSWER_DIGITS:n - 1] = self.answer_weight
+        return ids[:, :-1], ids[:, 1:], w
 
     def next(self, T: int = WINDOW):
         """A batch of rows of T tokens; rows shorter than WINDOW come in proportionally larger
@@ -234,6 +262,7 @@ def train(args, record: dict):
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     config = build_config(args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate)
+    config.initializer_range = args.init_std or 1 / math.sqrt(args.hidden)
     model = LlamaForCausalLM(config)
     model.config._attn_implementation = "sdpa"
     n_params = sum(p.numel() for p in model.parameters())
@@ -263,10 +292,10 @@ def train(args, record: dict):
         lr = lr_at(step, elapsed, args)
         for g in opt.param_groups:
             g["lr"] = lr
-        if elapsed < args.copy_warm_frac * budget:
-            x, y, w = batches.copy_batch(args.copy_warm_len)
+        if elapsed < args.warm_frac * budget:
+            x, y, w = batches.copy_batch(args.warm_len)
         else:
-            short = elapsed < (args.copy_warm_frac + args.short_frac) * budget
+            short = elapsed < (args.warm_frac + args.short_frac) * budget
             x, y, w = batches.next(args.short_len if short else WINDOW)
         logits = model(input_ids=x).logits
         ce = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB).float(), y.reshape(-1), reduction="none")
@@ -317,6 +346,22 @@ def save(model, out: Path, dtype_name: str):
         if f.is_file():
             f.chmod(0o644)  # safetensors creates 0600 files
     model.to(torch.float32)
+    portable_config(out)
+
+
+def portable_config(out: Path) -> None:
+    """Make config.json load the same way under transformers 4.x and 5.x: float32 by default
+    (the stored float16 weights are upcast on load; transformers 5 would otherwise keep the
+    storage dtype) and rope_theta also under its legacy top-level key (4.x ignores
+    ``rope_parameters``)."""
+    path = out / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg["dtype"] = "float32"
+    cfg["torch_dtype"] = "float32"
+    theta = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta"))
+    if theta is not None:
+        cfg["rope_theta"] = theta
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def evaluate(out: Path, args, record: dict, long: bool = True):
@@ -409,10 +454,13 @@ def main(argv=None):
     ap.add_argument("--min-len", type=int, default=104, help="shortest training passkey example")
     ap.add_argument("--short-len", type=int, default=128,
                     help="curriculum: row length during the first --short-frac of the time budget")
-    ap.add_argument("--short-frac", type=float, default=0.0)
-    ap.add_argument("--copy-warm-frac", type=float, default=0.3,
-                    help="curriculum: the first fraction of the time budget trains only induction rows")
-    ap.add_argument("--copy-warm-len", type=int, default=64)
+    ap.add_argument("--short-frac", type=float, default=0.2)
+    ap.add_argument("--warm-frac", type=float, default=0.25,
+                    help="curriculum: the first fraction of the time budget trains only short induction "
+                         "and mini-passkey rows of --warm-len tokens")
+    ap.add_argument("--warm-len", type=int, default=64)
+    ap.add_argument("--init-std", type=float, default=0.0,
+                    help="initializer_range; 0: 1/sqrt(hidden) (Llama's 0.02 suits 4096-wide models)")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--min-lr-frac", type=float, default=0.1)
     ap.add_argument("--warmup", type=int, default=30)
