@@ -66,7 +66,7 @@ static int64_t panel_rows(const lampe_attn_params *p, int64_t b, int64_t own, in
     return own >= 2 * bq ? own : 0;
 }
 
-static void store_row(const lampe_attn_params *p, int64_t b, int64_t h, int64_t t, const float *o, float *tmp)
+static void store_row(const lampe_attn_params *p, int64_t b, int64_t h, int64_t t, const float *o)
 {
     const size_t es = p->dtype == LAMPE_F32 ? 4 : 2;
     char *dst = (char *)p->out + (size_t)(b * p->out_stride[0] + h * p->out_stride[1] + t * p->out_stride[2]) * es;
@@ -77,7 +77,6 @@ static void store_row(const lampe_attn_params *p, int64_t b, int64_t h, int64_t 
     }
     uint16_t *d16 = (uint16_t *)dst;
     for (int64_t d = 0; d < D; d++) d16[d] = p->dtype == LAMPE_BF16 ? lampe_f32_to_bf16(o[d]) : lampe_f32_to_f16(o[d]);
-    (void)tmp;
 }
 
 typedef struct {
@@ -122,7 +121,7 @@ static void merge_task(void *ctx, int tid, int nth)
             const float inv = l > 0.0f ? 1.0f / l : 0.0f;
             for (int64_t d = 0; d < D; d++) acc[d] *= inv;
             const int64_t h = tile->kvh * G + r % G, t = tile->t0 + r / G;
-            store_row(p, tile->b, h, t, acc, NULL);
+            store_row(p, tile->b, h, t, acc);
             if (p->lse)
                 p->lse[tile->b * p->lse_stride[0] + h * p->lse_stride[1] + t * p->lse_stride[2]] =
                     l > 0.0f ? (m + log2f(l)) * 0.6931471805599453f : -INFINITY;
