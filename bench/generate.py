@@ -23,6 +23,7 @@ from _common import pin, time_interleaved, write_json  # noqa: E402
 
 import lampe  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from lampe.hf import compat  # noqa: E402
 
 
 def build(args):
@@ -45,11 +46,11 @@ def decode_fn(model, ids, new_tokens, per_token):
     def run():
         with torch.no_grad():
             out = model(ids, use_cache=True)
-            cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            cache, nxt = compat.output_cache(out), out.logits[:, -1:].argmax(-1)
             t0 = time.perf_counter()
             for _ in range(new_tokens):
-                out = model(nxt, past_key_values=cache, use_cache=True)
-                cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                out = model(nxt, **compat.cache_kwargs(model, cache), use_cache=True)
+                cache, nxt = compat.output_cache(out), out.logits[:, -1:].argmax(-1)
             per_token.append((time.perf_counter() - t0) / new_tokens)
     return run
 

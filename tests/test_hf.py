@@ -151,7 +151,8 @@ def test_generate_modes_and_new_turn():
         turn = torch.cat([out.sequences, ids(12, seed=7)], dim=1)
         cap = Capture(m)
         try:
-            more = m.generate(turn, past_key_values=out.past_key_values, max_new_tokens=4, do_sample=False)
+            more = m.generate(turn, **hfcompat.cache_kwargs(m, hfcompat.output_cache(out)), max_new_tokens=4,
+                              do_sample=False)
         finally:
             cap.close()
         assert torch.equal(more[:, :turn.shape[1]], turn)
@@ -206,11 +207,11 @@ def test_cache_misuse_raises_and_masked_rows_finite():
         out = m(x, use_cache=True)
         h.remove()
         with pytest.raises(RuntimeError, match="un-rotated"):
-            m(ids(1), past_key_values=out.past_key_values)
+            m(ids(1), **hfcompat.cache_kwargs(m, hfcompat.output_cache(out)))
         plain = m(x, use_cache=True)
         with lampe.patched(m, **SMALL):
             with pytest.raises(RuntimeError, match="rotated keys"):
-                m(ids(1), past_key_values=plain.past_key_values)
+                m(ids(1), **hfcompat.cache_kwargs(m, hfcompat.output_cache(plain)))
             # padded query rows see no valid key at all: outputs stay finite
             batch = torch.cat([x, x])
             mask = torch.ones_like(batch)

@@ -31,6 +31,20 @@ def cache_from_kwargs(kwargs):
     return None
 
 
+def cache_kwargs(model, cache) -> dict:
+    """``{name: cache}`` for passing a cache back to ``model(...)`` or ``model.generate(...)``: 5.x
+    calls it ``cache`` (``past_key_values`` is deprecated there), 4.5x ``past_key_values``."""
+    import inspect
+    params = inspect.signature(model.forward).parameters
+    return {"cache" if "cache" in params else "past_key_values": cache}
+
+
+def output_cache(out):
+    """The cache a forward or generate output returned, under either version's field name."""
+    fields = getattr(out, "__dataclass_fields__", {})
+    return getattr(out, "cache") if "cache" in fields else out.past_key_values
+
+
 def attention_modules(model):
     """Self-attention modules that call the attention interface (Llama/Mistral/Qwen layout)."""
     return [m for m in model.modules()
