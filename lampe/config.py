@@ -123,9 +123,9 @@ class LampeConfig:
         """The authors' settings: window 512, sink 200, LaMPE whenever L >= 2H (active_from=0).
 
         For models pretrained on fewer than 4096 tokens the window and sink keep the ratios of the
-        authors' smallest-window model, Llama 2 at 4K (W/8 and W*200/4096, at least 1 token). ``mapping_length`` defaults
-        to the generic rule when ``pretrained_window`` is known, else the fixed 1536 of the
-        authors' LongBench runs."""
+        authors' smallest-window model, Llama 2 at 4K (W/8 and W*200/4096, at least 1 token).
+        ``mapping_length`` defaults to the generic rule when ``pretrained_window`` is known, else
+        the fixed 1536 of the authors' LongBench runs."""
         window, sink = paper_sizes(pretrained_window) if pretrained_window else (512, 200)
         if mapping_length is None:
             mapping_length = "auto" if pretrained_window else 1536

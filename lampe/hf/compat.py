@@ -4,6 +4,8 @@ Supported: transformers 5.x (newest tested 5.24) and 4.57.x.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 
 import torch
@@ -34,15 +36,18 @@ def cache_from_kwargs(kwargs):
 def cache_kwargs(model, cache) -> dict:
     """``{name: cache}`` for passing a cache back to ``model(...)`` or ``model.generate(...)``: 5.x
     calls it ``cache`` (``past_key_values`` is deprecated there), 4.5x ``past_key_values``."""
-    import inspect
-    params = inspect.signature(model.forward).parameters
-    return {"cache" if "cache" in params else "past_key_values": cache}
+    return {_cache_keyword(type(model)): cache}
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(cls) -> str:
+    # Per class, once: callers pass the cache on every decode step.
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def output_cache(out):
     """The cache a forward or generate output returned, under either version's field name."""
-    fields = getattr(out, "__dataclass_fields__", {})
-    return getattr(out, "cache") if "cache" in fields else out.past_key_values
+    return out.cache if "cache" in getattr(out, "__dataclass_fields__", {}) else out.past_key_values
 
 
 def attention_modules(model):
