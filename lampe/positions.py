@@ -1,7 +1,7 @@
 """The position plan of one prompt: mapped ids, extended sink, offsets and per-row regions.
 
 All arithmetic happens in the C planner (csrc/core/positions.c); this module only shapes its
-answers for Python. Section numbers (§) refer to lampe-spec.md.
+answers for Python. Section numbers (§) refer to docs/spec.md.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Worked examples of lampe-spec.md §6, transcribed by tools/extract_spec_examples.py."""
+"""Worked examples of docs/spec.md §6, transcribed by tools/extract_spec_examples.py."""
 
 CONFIGS = {'A': {'H': 4,
        'L': 20,

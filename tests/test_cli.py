@@ -19,7 +19,7 @@ def run(args, cwd, timeout=600):
 def test_plan_command(tmp_path):
     r = run(["plan", "--length", "32768", "--preset", "llama3"], tmp_path)
     assert r.returncode == 0, r.stderr
-    # the values of lampe-spec.md §5 (InfiniteBench 32K row) appear in the summary
+    # the values of docs/spec.md §5 (InfiniteBench 32K row) appear in the summary
     assert "U = 4501" in r.stdout and "R = 203" in r.stdout and "b1 = 441, b2 = 27650" in r.stdout
     assert "decode step 1" in r.stdout
     bad = run(["plan", "--length", "20", "--window", "4", "--sink", "16", "--mapping-length", "10"], tmp_path)

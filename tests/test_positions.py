@@ -1,4 +1,4 @@
-"""The planner against the worked examples and tables of lampe-spec.md, and its properties."""
+"""The planner against the worked examples and tables of docs/spec.md, and its properties."""
 import numpy as np
 import pytest
 
@@ -62,7 +62,7 @@ def test_spec_duplicates(name):
     assert dups == sorted(ex["prefill_duplicates"])
 
 
-# lampe-spec.md §5: L, H, T, U, m[H], m[L-1], #(f32 != exact), R, b1, b2, map rel max, tail rel min..max
+# docs/spec.md §5: L, H, T, U, m[H], m[L-1], #(f32 != exact), R, b1, b2, map rel max, tail rel min..max
 SECTION5 = [
     (8192, 512, 200, 1536, 96, 1536, 0, 202, 415, 6076, 1914, 1914, 2115),
     (32768, 512, 200, 1536, 24, 1536, 0, 213, 487, 30541, 2014, 2014, 2226),
@@ -239,7 +239,7 @@ def test_regions_argument_errors():
         p.table(["a"])
 
 
-# lampe-spec.md §4: U at these lengths for each preset.
+# docs/spec.md §4: U at these lengths for each preset.
 SIGMOID = {
     "llama2": [1536, 1536, 1283, 1500, 1702, 2028, 2239, 2423, 2473, 2488, 2489],
     "llama3": [1536, 1536, 1036, 1461, 1993, 3275, 4501, 5810, 6129, 6201, 6204],

@@ -1,6 +1,6 @@
-"""Transcribe the worked examples of lampe-spec.md §6 into tests/spec_examples.py.
+"""Transcribe the worked examples of docs/spec.md §6 into tests/spec_examples.py.
 
-Run once when the spec changes: python tools/extract_spec_examples.py ../shared/lampe-spec.md
+Run once when the spec changes: python tools/extract_spec_examples.py docs/spec.md
 The output is literal data taken from the specification (never from lampe's own code), so the
 tests built on it can fail.
 """
@@ -75,10 +75,10 @@ def main(path):
             rows[int(mm.group(1))] = {"lse": eval(mm.group(2)), "w": eval(mm.group(3)),
                                       "out": [float(x) for x in mm.group(4).split(",")]}
     with open("tests/spec_examples.py", "w") as f:
-        f.write('"""Worked examples of lampe-spec.md §6, transcribed by tools/extract_spec_examples.py."""\n\n')
+        f.write('"""Worked examples of docs/spec.md §6, transcribed by tools/extract_spec_examples.py."""\n\n')
         f.write("CONFIGS = " + pprint.pformat(out, width=110, compact=True) + "\n\n")
         f.write("NUMERIC_ROWS = " + pprint.pformat(rows, width=110) + "\n")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "../shared/lampe-spec.md")
+    main(sys.argv[1] if len(sys.argv) > 1 else "docs/spec.md")

@@ -1,5 +1,5 @@
 /*
- * Standalone C tests of the core (no Python): planner against lampe-spec.md, mapping length,
+ * Standalone C tests of the core (no Python): planner against docs/spec.md, mapping length,
  * rotary kernel and fused attention against naive double-precision code, conversions, exp2,
  * thread pool and dispatch. Built and run under ASan/UBSan by tests/c/run.sh.
  */
@@ -33,7 +33,7 @@ static double urand(void) /* xorshift64*: fresh but reproducible inputs */
 
 static void test_plan_config_a(void)
 {
-    /* lampe-spec.md §6, config A: L=20, H=4, T=2, U=10 */
+    /* docs/spec.md §6, config A: L=20, H=4, T=2, U=10 */
     const int64_t want_m[20] = {0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 10};
     int64_t m[20];
     lampe_plan p;
@@ -94,7 +94,7 @@ static void test_mapping_recipe(void)
 
 static void test_sigmoid(void)
 {
-    /* lampe-spec.md §4 */
+    /* docs/spec.md §4 */
     const char *names[4] = {"llama2", "llama3", "mistral", "llama3.1"};
     const int64_t lens[4] = {8191, 8192, 32768, 131072};
     const int64_t want[4][4] = {{1536, 1283, 2239, 2489}, {1536, 1036, 4501, 6204}, {1536, 4104, 17829, 24575},

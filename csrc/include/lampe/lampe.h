@@ -3,7 +3,7 @@
  *
  * Plain C11: pointers, element strides, sizes and dtype codes. Nothing here knows about
  * Python, NumPy or torch; the CPython binding (csrc/python/module.c) and the C tests are
- * both clients of this header. Section numbers (§) refer to lampe-spec.md.
+ * both clients of this header. Section numbers (§) refer to docs/spec.md.
  */
 #ifndef LAMPE_H
 #define LAMPE_H
