@@ -1,7 +1,8 @@
-"""The evaluation harness on a tiny random model (no downloads): prompts, tasks, methods,
-records with resume, tables, calibration."""
+"""The evaluation harness on a tiny random model (no downloads): prompts, tasks (passkey, needle,
+RULER-style), methods, records with resume, batching, time budget, tables, plots, calibration."""
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -12,6 +13,8 @@ transformers = pytest.importorskip("transformers")
 import lampe  # noqa: E402
 from lampe.eval import calibrate, fit_sigmoid, markdown, run_grid, summarize  # noqa: E402
 from lampe.eval import methods as M  # noqa: E402
+from lampe.eval import ruler as R  # noqa: E402
+from lampe.eval import runner  # noqa: E402
 from lampe.eval import tasks as T  # noqa: E402
 from lampe.models import ByteTokenizer  # noqa: E402
 
@@ -60,20 +63,40 @@ def test_perplexity_matches_cross_entropy():
     assert len(r["bucket_loss"]) == 8
 
 
-def test_every_method_applies_and_restores():
+def test_every_method_applies_and_restores(monkeypatch):
     m, _ = tiny()
+    # a calibrated sigmoid recorded for this model's config, so lampe-calibrated applies too
+    monkeypatch.setitem(M.CALIBRATED, "test", dict(match=dict(hidden_size=64, num_hidden_layers=2),
+                                                   sigmoid=lampe.MappingSigmoid(a=1e-3, b=-1.0, lmax=90.0)))
     x = torch.randint(3, 259, (1, 300))
     with torch.no_grad():
         base = m(x).logits
-        for method in M.METHODS:
-            with M.apply(m, method, 300):
+        for method in M.METHODS + ("lampe:mapping_length=40:temperature=1.0",):
+            with M.apply(m, method, 300) as info:
                 out = m(x).logits
             assert torch.isfinite(out).all()
+            assert info["backend"]
             if method != "original":
                 assert not torch.equal(out, base), method
             assert torch.equal(m(x).logits, base), f"{method} did not restore the model"
     with pytest.raises(ValueError, match="unknown method"):
         with M.apply(m, "magic", 300):
+            pass
+
+
+def test_method_specs():
+    m, _ = tiny()
+    with M.apply(m, "lampe:mapping_length=40:temperature=1.0", 300) as info:
+        assert info["config"]["mapping_length"] == 40 and info["config"]["temperature"] == 1.0
+        assert info["backend"] == "lampe C kernel (cpu)"
+    with M.apply(m, "original", 300) as info:
+        assert "transformers" in info["backend"]
+    for bad, msg in [("lampe:nonsense=3", "not a LampeConfig field"), ("lampe:window", "FIELD=VALUE"),
+                     ("yarn:factor=2", "only 'lampe'"), ("lampe-magic", "unknown method")]:
+        with pytest.raises(ValueError, match=msg):
+            M.parse(bad)
+    with pytest.raises(ValueError, match="no calibrated mapping length"):
+        with M.apply(m, "lampe-calibrated", 300):
             pass
 
 
@@ -117,3 +140,142 @@ def test_calibrate_returns_a_usable_preset():
     assert all(r["best_mapping_length"] in (13, 64) for r in report)
     with torch.no_grad(), lampe.patched(m, cfg):
         assert torch.isfinite(m(torch.tensor([ids[:300]])).logits).all()
+
+
+def test_fit_sigmoid_with_fixed_lmax():
+    truth = lampe.MappingSigmoid(a=2e-3, b=-2.0, lmax=1000.0)
+    Ls = [1000, 1500, 2000]
+    fit = fit_sigmoid(Ls, [truth(L) for L in Ls], lmax=1000.0)
+    assert fit.lmax == 1000.0 and abs(fit.a - 2e-3) < 1e-4 and abs(fit.b + 2.0) < 0.1
+    with pytest.raises(ValueError, match="lmax"):
+        fit_sigmoid(Ls, [truth(L) for L in Ls], lmax=100.0)
+
+
+def test_calibrate_log_resumes_without_recomputing(tmp_path, monkeypatch):
+    m, tok = tiny()
+    ids = tok.encode(TEXT)
+    log = str(tmp_path / "scan.jsonl")
+    kw = dict(tokenizer=tok, candidates=(0.1, 0.5), windows=1, last=32, log=log)
+    cfg, report = calibrate(m, ids, [256, 512], **kw)
+    lines = (tmp_path / "scan.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and all("cpu_seconds" in json.loads(x) for x in lines)
+
+    def boom(*a, **k):
+        raise AssertionError("a logged scan point was computed again")
+    monkeypatch.setattr(T, "perplexity", boom)
+    cfg2, report2 = calibrate(m, ids, [256, 512], **kw)
+    assert report2 == report and cfg2 == cfg
+
+
+# ------------------------------------------------------------------------------------ tasks
+
+def test_digit_scoring_uses_the_one_digit_scorer():
+    tok = ByteTokenizer()
+    case = T.passkey_case(tok, 300, 0.5, seed=3)
+    key = case.expected[0]
+    assert case.score(tok, tok.encode(f" {key}."))["correct"]
+    assert case.score(tok, tok.encode(f" is {key}7"))["correct"]  # the first run of digits, extra digits ignored
+    assert not case.score(tok, tok.encode(" 1" + key))["correct"]
+    assert case.score(tok, tok.encode("no digits"))["answer"] == ""
+
+
+@pytest.mark.parametrize("task", R.TASKS)
+def test_ruler_prompts(task):
+    tok = ByteTokenizer()
+    for n in (700, 1500):
+        c = R.case(task, tok, n, seed=11, preamble=True)
+        text = tok.decode(c.ids)
+        assert len(c.ids) == n and c.ids[0] == tok.bos_token_id
+        assert all(e in text for e in c.expected) and c.max_new_tokens >= 8
+        again = R.case(task, tok, n, seed=11, preamble=True)
+        assert again.ids == c.ids and again.expected == c.expected
+        assert R.case(task, tok, n, seed=12, preamble=True).expected != c.expected
+    question = text[text.rindex("\n"):]
+    if task == "multikey":
+        assert len(c.expected) == 1 and text.count("special magic numbers for") == 4
+        assert c.expected[0] not in question
+    elif task in ("multivalue", "multiquery"):
+        assert len(c.expected) == 4 and not any(e in question for e in c.expected)
+    else:  # vartrack: the chain appears in order, each assignment after the one it copies
+        first = text.index(f"VAR {c.expected[0]} = ")
+        assert text[first:].split(".")[0].split("= ")[1].isdigit()
+        pos = [text.index(f"VAR {v} = ") for v in c.expected]
+        assert pos == sorted(pos)
+        for a, b in zip(c.expected, c.expected[1:]):
+            assert f"VAR {b} = VAR {a}." in text
+    with pytest.raises(ValueError, match="too short"):
+        R.case(task, tok, 100, seed=1)
+
+
+def test_ruler_scoring_is_the_fraction_found():
+    tok = ByteTokenizer()
+    c = R.case("multivalue", tok, 800, seed=5)
+    half = ", ".join(c.expected[:2])
+    r = c.score(tok, tok.encode(" " + half + " and 42"))
+    assert r["score"] == 0.5 and not r["correct"]
+    r = c.score(tok, tok.encode(" " + ", ".join(reversed(c.expected))))
+    assert r["score"] == 1.0 and r["correct"]
+
+
+def test_ruler_on_real_text_haystack():
+    tok = ByteTokenizer()
+    hay = tok.encode(TEXT)
+    c = R.case("multikey", tok, 1200, seed=3, haystack_ids=hay)
+    assert "truth universally" in tok.decode(c.ids) and len(c.ids) == 1200
+
+
+def test_batched_generation_matches_one_by_one():
+    m, tok = tiny()
+    cases = [T.passkey_case(tok, 300, d, seed=s) for s, d in [(1, 0.2), (2, 0.8), (3, 0.5)]]
+    with lampe.patched(m):
+        together = T.generate(m, tok, [c.ids for c in cases], 6)
+        alone = [T.generate(m, tok, [c.ids], 6)[0] for c in cases]
+    assert all(torch.equal(a, b) for a, b in zip(together, alone))
+    with pytest.raises(ValueError, match="one length"):
+        T.generate(m, tok, [cases[0].ids, cases[0].ids[:-1]], 2)
+
+
+def test_chunked_token_losses_match_full_logits():
+    m, tok = tiny()
+    ids = tok.encode(TEXT)[:333]
+    got = T.token_losses(m, [ids, ids[::-1]], chunk=50)
+    x = torch.tensor([ids, ids[::-1]])
+    with torch.no_grad():
+        logits = m(x).logits[:, :-1]
+    want = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
+    assert got.shape == (2, 332) and torch.allclose(got, want, atol=1e-5)
+
+
+def test_grid_ruler_tasks_batch_budget_and_plots(tmp_path):
+    m, tok = tiny()
+    kw = dict(out_dir=str(tmp_path), tasks=list(R.TASKS) + ["passkey"], methods=["original", "lampe"],
+              lengths=[768], depths=[0.5], samples=2, batch=2, model_name="tiny-random")
+    assert run_grid(m, tok, time_budget=-1, **kw) == []  # out of time before the first batch
+    recs = run_grid(m, tok, **kw)
+    assert len(recs) == 2 * 5 * 2
+    for r in recs:
+        assert r["batch"] == 2 and r["device"] == "cpu" and 0.0 <= r["score"] <= 1.0 and r["tokens"] == 768
+        assert r["backend"] == ("lampe C kernel (cpu)" if r["method"] == "lampe" else "transformers sdpa (cpu)")
+    # the same prompts for both methods, different prompts for different tasks
+    by = {}
+    for r in recs:
+        if r["task"] != "passkey":
+            by.setdefault((r["task"], r["sample"]), set()).add(tuple(r["expected"]))
+    assert all(len(v) == 1 for v in by.values())
+    assert len({next(iter(v)) for (t, s), v in by.items() if s == 0}) == 4
+    s = summarize(recs, counts=True)
+    assert s["vartrack"]["lampe"][768][1] == 2
+    table = markdown(s, 256)
+    assert "### multiquery (accuracy)" in table and "(2)" in table
+    pngs = runner.plots(recs, str(tmp_path), 256)
+    assert os.path.join(str(tmp_path), "overview.png") in pngs
+    assert all(os.path.getsize(p) > 1000 for p in pngs)
+
+
+def test_cells_order_and_counts():
+    c = runner.cells(["passkey", "multikey", "perplexity"], ["a", "b"], [512, 256], [0.1, 0.9], 3, windows=2)
+    assert [x[2] for x in c] == sorted(x[2] for x in c)  # short lengths first
+    assert sum(x[0] == "passkey" for x in c) == sum(x[0] == "multikey" for x in c) == 2 * 2 * 6
+    assert sum(x[0] == "perplexity" for x in c) == 2 * 2 * 2
+    with pytest.raises(ValueError, match="unknown task"):
+        runner.cells(["bogus"], ["a"], [1], [0.5], 1)

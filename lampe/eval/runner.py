@@ -1,6 +1,12 @@
-"""The evaluation grid: methods x lengths (x depths x samples), one JSON record per finished
-cell in ``records.jsonl`` (so ``resume`` continues an interrupted run), then a Markdown table and
-PNG plots.
+"""The evaluation grid: tasks x methods x lengths (x depths x samples), one JSON record per
+finished cell in ``records.jsonl`` (so ``resume`` continues an interrupted run), then a Markdown
+table and PNG plots.
+
+Cells: a depth-controlled retrieval task (passkey, needle) has ``len(depths) x samples`` prompts
+per (method, length); a RULER-style task (lampe.eval.ruler) places its needles at random depths
+and has the same number of prompts; perplexity has ``windows`` windows of real text. Prompts
+depend on the cell only (task, length, depth, sample), never on the method, so every method
+answers the same prompts.
 """
 from __future__ import annotations
 
@@ -9,11 +15,17 @@ import math
 import os
 import sys
 import time
+import zlib
 from collections import defaultdict
 from typing import Iterable, Optional, Sequence
 
 from . import methods as M
+from . import ruler as R
 from . import tasks as T
+
+DEPTH_TASKS = ("passkey", "needle")
+RETRIEVAL_TASKS = DEPTH_TASKS + R.TASKS
+TASKS = RETRIEVAL_TASKS + ("perplexity",)
 
 
 class Progress:
@@ -27,11 +39,11 @@ class Progress:
         except ImportError:
             self.bar = None
 
-    def update(self, note: str = ""):
-        self.n += 1
+    def update(self, note: str = "", n: int = 1):
+        self.n += n
         if self.bar is not None:
             self.bar.set_postfix_str(note, refresh=False)
-            self.bar.update(1)
+            self.bar.update(n)
         else:
             print(f"[{self.desc}] {self.n}/{self.total} {time.time() - self.t0:6.1f}s {note}", file=sys.stderr,
                   flush=True)
@@ -57,118 +69,220 @@ def load_records(path: str) -> list:
     return out
 
 
-def _seed(length: int, depth, sample: int) -> int:
-    """The same prompts for every method: the seed depends on the cell, not on the method."""
-    return 1000003 * sample + 7919 * length + int(1000 * (depth or 0))
+def seed(task: str, length: int, depth, sample: int) -> int:
+    """The prompt's seed: the same prompts for every method (it depends on the cell only).
+    Passkey and needle keep the formula of the first recorded results; the other tasks add a
+    per-task constant so that two tasks never share their random draws."""
+    s = 1000003 * sample + 7919 * length + int(1000 * (depth or 0))
+    return s if task in DEPTH_TASKS else s + zlib.crc32(task.encode())
+
+
+def ppl_offset(sample: int) -> int:
+    """Where perplexity window ``sample`` starts in the text (modulo what fits)."""
+    return 104729 * (sample + 1)
+
+
+def cells(tasks: Sequence[str], methods: Sequence[str], lengths: Sequence[int], depths: Sequence[float],
+          samples: int, windows: Optional[int] = None) -> list:
+    """Every (task, method, length, depth, sample) of the grid, in the order they run: lengths
+    ascending, so an interrupted run (or one stopped by a time budget) has its short cells."""
+    windows = max(1, samples // 2) if windows is None else windows
+    out = []
+    for L in sorted(lengths):
+        for method in methods:
+            for task in tasks:
+                if task in DEPTH_TASKS:
+                    out += [(task, method, L, d, s) for d in depths for s in range(samples)]
+                elif task in R.TASKS:
+                    out += [(task, method, L, None, s) for s in range(samples * len(depths))]
+                elif task == "perplexity":
+                    out += [(task, method, L, None, s) for s in range(windows)]
+                else:
+                    raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    return out
+
+
+def build_case(task, tok, L, depth, sample, haystack_ids=None, preamble=False):
+    sd = seed(task, L, depth, sample)
+    if task == "passkey":
+        return T.passkey_case(tok, L, depth, sd, preamble=preamble)
+    if task == "needle":
+        return T.needle_case(tok, L, depth, sd, haystack_ids=haystack_ids)
+    return R.case(task, tok, L, sd, haystack_ids=haystack_ids, preamble=preamble)
 
 
 def run_grid(model, tok, *, out_dir: str, tasks: Sequence[str] = ("passkey",), methods: Sequence[str] = M.METHODS,
              lengths: Sequence[int], depths: Sequence[float] = (0.1, 0.5, 0.9), samples: int = 5,
-             text_ids: Optional[Sequence[int]] = None, haystack_ids: Optional[Sequence[int]] = None,
-             ppl_last: int = 256, preamble: bool = False, resume: bool = True, model_name: str = "model") -> list:
-    """Run every (task, method, length, depth, sample) cell not already in out_dir/records.jsonl."""
+             windows: Optional[int] = None, text_ids: Optional[Sequence[int]] = None,
+             haystack_ids: Optional[Sequence[int]] = None, ruler_haystack_ids: Optional[Sequence[int]] = None,
+             ppl_last: int = 256, preamble: bool = False, resume: bool = True, model_name: str = "model",
+             batch: int = 1, time_budget: Optional[float] = None, progress: bool = True) -> list:
+    """Run every cell not already in out_dir/records.jsonl and return all records.
+
+    ``haystack_ids``: real text for the needle task; ``ruler_haystack_ids``: real text for the
+    RULER-style tasks (default: their noise filler); ``batch``: prompts (or perplexity windows)
+    generated together, all of one length; ``time_budget``: seconds after which no new batch
+    starts (the records so far stay; rerunning continues)."""
+    for m in methods:
+        M.parse(m)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "records.jsonl")
-    done = {_key(r) for r in load_records(path)} if resume else set()
     if not resume and os.path.exists(path):
         os.remove(path)
-    cells = []
-    for task in tasks:
-        for method in methods:
-            for L in lengths:
-                if task in ("passkey", "needle"):
-                    cells += [(task, method, L, d, s) for d in depths for s in range(samples)]
-                elif task == "perplexity":
-                    cells += [(task, method, L, None, s) for s in range(max(1, samples // 2))]
-                else:
-                    raise ValueError(f"unknown task {task!r} (passkey, needle, perplexity)")
-    todo = [c for c in cells if c not in done]
-    bar = Progress(len(todo), f"{model_name}")
-    # One method setup per (method, length): group the cells.
-    groups = defaultdict(list)
+    done = {_key(r) for r in load_records(path)}
+    todo = [c for c in cells(tasks, methods, lengths, depths, samples, windows) if c not in done]
+    bar = Progress(len(todo), model_name) if progress else None
+    deadline = None if time_budget is None else time.time() + float(time_budget)
+    device = str(next(model.parameters()).device)
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    groups = defaultdict(list)  # one method setup per (method, length)
     for c in todo:
         groups[(c[1], c[2])].append(c)
     with open(path, "a") as fh:
         for (method, L), group in groups.items():
-            with M.apply(model, method, L):
-                for task, _, _, depth, sample in group:
-                    t0 = time.time()
-                    seed = _seed(L, depth, sample)
-                    if task == "passkey":
-                        r = T.passkey(model, tok, L, depth, seed=seed, preamble=preamble)
-                    elif task == "needle":
-                        r = T.needle(model, tok, haystack_ids, L, depth, seed=seed)
-                    else:
-                        r = T.perplexity(model, tok, text_ids, L, min(ppl_last, L - 1), offset=104729 * (sample + 1))
-                    rec = dict(task=task, method=method, length=L, depth=depth, sample=sample, model=model_name,
-                               seconds=round(time.time() - t0, 3), **r)
-                    fh.write(json.dumps(rec) + "\n")
-                    fh.flush()
-                    bar.update(f"{task} {method} L={L}")
-    bar.close()
+            if deadline is not None and time.time() > deadline:
+                break
+            with M.apply(model, method, L) as info:
+                by_task = defaultdict(list)
+                for c in group:
+                    by_task[c[0]].append(c)
+                for task, tcells in by_task.items():
+                    for i in range(0, len(tcells), max(1, batch)):
+                        if deadline is not None and time.time() > deadline:
+                            break
+                        chunk = tcells[i:i + max(1, batch)]
+                        t0, c0 = time.time(), time.process_time()
+                        if task == "perplexity":
+                            results = T.perplexities(model, text_ids, L, min(ppl_last, L - 1),
+                                                     [ppl_offset(c[4]) for c in chunk])
+                        else:
+                            hay = haystack_ids if task == "needle" else ruler_haystack_ids
+                            cases = [build_case(task, tok, L, c[3], c[4], hay, preamble) for c in chunk]
+                            results = T.run_cases(model, tok, cases)
+                        wall, cpu = time.time() - t0, time.process_time() - c0
+                        for c, r in zip(chunk, results):
+                            rec = dict(task=task, method=method, length=L, depth=c[3], sample=c[4], model=model_name,
+                                       seconds=round(wall / len(chunk), 3), cpu_seconds=round(cpu / len(chunk), 3),
+                                       batch=len(chunk), device=device, dtype=dtype, backend=info["backend"], **r)
+                            fh.write(json.dumps(rec) + "\n")
+                        fh.flush()
+                        if bar is not None:
+                            bar.update(f"{task} {method} L={L}", n=len(chunk))
+    if bar is not None:
+        bar.close()
     return load_records(path)
 
 
-def summarize(records: Iterable[dict]) -> dict:
-    """task -> method -> length -> (accuracy or perplexity)."""
+def score_of(rec: dict) -> float:
+    """A retrieval record's score in [0, 1] (records written before RULER tasks carry only
+    ``correct``)."""
+    return float(rec["score"]) if "score" in rec else float(rec["correct"])
+
+
+def summarize(records: Iterable[dict], counts: bool = False) -> dict:
+    """task -> method -> length -> mean score (retrieval) or perplexity (exp of the mean loss);
+    with ``counts``, each value is (value, number of prompts or windows)."""
     acc = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for r in records:
-        v = float(r["correct"]) if r["task"] in ("passkey", "needle") else r["loss"]
+        v = r["loss"] if r["task"] == "perplexity" else score_of(r)
         acc[r["task"]][r["method"]][r["length"]].append(v)
     out = {}
     for task, by_m in acc.items():
         out[task] = {}
         for m, by_l in by_m.items():
-            if task == "perplexity":
-                out[task][m] = {L: math.exp(sum(v) / len(v)) for L, v in by_l.items()}
-            else:
-                out[task][m] = {L: sum(v) / len(v) for L, v in by_l.items()}
+            out[task][m] = {}
+            for L, v in by_l.items():
+                val = math.exp(sum(v) / len(v)) if task == "perplexity" else sum(v) / len(v)
+                out[task][m][L] = (val, len(v)) if counts else val
     return out
 
 
 def markdown(summary: dict, window: int) -> str:
+    """One table per task; a value given as (value, n) shows its prompt count."""
     lines = []
     for task, by_m in summary.items():
         lengths = sorted({L for v in by_m.values() for L in v})
-        unit = "accuracy" if task != "perplexity" else "perplexity"
+        unit = "perplexity" if task == "perplexity" else "accuracy"
         lines.append(f"### {task} ({unit})\n")
         lines.append("| method | " + " | ".join(f"{L} ({L / window:g}x)" for L in lengths) + " |")
         lines.append("|---|" + "---|" * len(lengths))
         for m, by_l in by_m.items():
-            cells = []
+            row = []
             for L in lengths:
                 v = by_l.get(L)
-                cells.append("-" if v is None else (f"{v:.0%}" if task != "perplexity" else f"{v:.2f}"))
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+                if v is None:
+                    row.append("-")
+                    continue
+                val, n = v if isinstance(v, tuple) else (v, None)
+                s = f"{val:.2f}" if task == "perplexity" else f"{val:.0%}"
+                row.append(s if n is None else f"{s} ({n})")
+            lines.append(f"| {m} | " + " | ".join(row) + " |")
         lines.append("")
     return "\n".join(lines)
 
 
-def plots(records: list, out_dir: str, window: int) -> list:
-    """Accuracy heatmaps (method x length) and perplexity curves; PNG files written."""
+def _figure(**kw):
+    """A matplotlib Figure that does not touch pyplot's global state or backend (so a notebook's
+    inline backend is left alone); None without matplotlib."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError:
+        return None
+    return Figure(**kw)
+
+
+def _line_axes(ax, by_m, window, perplexity):
+    for m, by_l in by_m.items():
+        xs = sorted(by_l)
+        ax.plot([L / window for L in xs], [by_l[L] for L in xs], marker="o", label=m)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("input length / pretrained window")
+    if perplexity:
+        ax.set_yscale("log")
+        ax.set_ylabel("perplexity of the last tokens")
+    else:
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_ylabel("accuracy")
+
+
+def overview(records: list, path: str, window: int, title: str = "") -> Optional[str]:
+    """One figure: accuracy of every retrieval task and perplexity against length, every method
+    (one panel per task). Returns the PNG path, or None without matplotlib."""
+    summary = summarize(records)
+    names = [t for t in TASKS if t in summary]
+    fig = _figure(figsize=(4.2 * len(names), 3.6)) if names else None
+    if fig is None:
+        return None
+    axes = fig.subplots(1, len(names), squeeze=False)[0]
+    for ax, task in zip(axes, names):
+        _line_axes(ax, summary[task], window, task == "perplexity")
+        ax.set_title(task)
+    axes[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plots(records: list, out_dir: str, window: int, title: str = "") -> list:
+    """Accuracy heatmaps (method x length) per retrieval task, perplexity curves, and the
+    one-figure overview (overview.png); the PNG paths written."""
+    if _figure() is None:
         return []
+    import numpy as np
+
     summary = summarize(records)
     written = []
     for task, by_m in summary.items():
         lengths = sorted({L for v in by_m.values() for L in v})
         names = list(by_m)
-        fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(lengths), 0.8 + 0.45 * len(names)))
+        fig = _figure(figsize=(1.6 + 1.1 * len(lengths), 0.8 + 0.45 * len(names)))
+        ax = fig.subplots()
         if task == "perplexity":
-            for m in names:
-                xs = [L for L in lengths if L in by_m[m]]
-                ax.plot([L / window for L in xs], [by_m[m][L] for L in xs], marker="o", label=m)
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("input length / pretrained window")
-            ax.set_ylabel("perplexity of the last tokens")
+            _line_axes(ax, by_m, window, True)
             ax.legend(fontsize=8)
         else:
-            import numpy as np
             grid = np.array([[by_m[m].get(L, np.nan) for L in lengths] for m in names])
             im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
             ax.set_xticks(range(len(lengths)), [f"{L / window:g}x" for L in lengths])
@@ -184,6 +298,6 @@ def plots(records: list, out_dir: str, window: int) -> list:
         fig.tight_layout()
         p = os.path.join(out_dir, f"{task}.png")
         fig.savefig(p, dpi=110)
-        plt.close(fig)
         written.append(p)
-    return written
+    p = overview(records, os.path.join(out_dir, "overview.png"), window, title)
+    return written + ([p] if p else [])
