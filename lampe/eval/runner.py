@@ -130,7 +130,18 @@ def run_grid(model, tok, *, out_dir: str, tasks: Sequence[str] = ("passkey",), m
     if not resume and os.path.exists(path):
         os.remove(path)
     done = {_key(r) for r in load_records(path)}
-    todo = [c for c in cells(tasks, methods, lengths, depths, samples, windows) if c not in done]
+    grid = cells(tasks, methods, lengths, depths, samples, windows)
+    too_short = set()
+    for task, L in sorted({(c[0], c[2]) for c in grid if c[0] in RETRIEVAL_TASKS}):
+        try:
+            hay = haystack_ids if task == "needle" else ruler_haystack_ids
+            build_case(task, tok, L, depths[0] if task in DEPTH_TASKS else None, 0, hay, preamble)
+        except ValueError as e:
+            if "too short" not in str(e):
+                raise
+            too_short.add((task, L))
+            print(f"{task} at {L} tokens: skipped ({e})", file=sys.stderr)
+    todo = [c for c in grid if c not in done and (c[0], c[2]) not in too_short]
     bar = Progress(len(todo), model_name) if progress else None
     deadline = None if time_budget is None else time.time() + float(time_budget)
     device = str(next(model.parameters()).device)
