@@ -66,6 +66,10 @@ class LampeConfig:
     active_from: used by model patching: LaMPE runs only once the total length exceeds it;
         None means "whenever L >= 2H".
     pretrained_window: the model's pretraining context, needed by mapping_length="auto".
+    growth_from: used by model patching: a sequence whose prompt (its first forward pass) was at
+        most active_from tokens keeps the model's own attention while it grows by generation, until
+        its total length exceeds growth_from; None means active_from. Switching mid-answer costs
+        retrieval accuracy, so lampe.patch's defaults wait until 2 W (docs/results.md, "Do no harm").
     """
 
     window: int = 512
@@ -76,6 +80,7 @@ class LampeConfig:
     decode: str = "shifted"
     active_from: Optional[int] = None
     pretrained_window: Optional[int] = None
+    growth_from: Optional[int] = None
 
     def __post_init__(self):
         object.__setattr__(self, "window", _check_int("window", self.window))
@@ -100,6 +105,8 @@ class LampeConfig:
         object.__setattr__(self, "temperature", t)
         if self.active_from is not None:
             object.__setattr__(self, "active_from", _check_int("active_from", self.active_from, minimum=0))
+        if self.growth_from is not None:
+            object.__setattr__(self, "growth_from", _check_int("growth_from", self.growth_from, minimum=0))
         if self.pretrained_window is not None:
             object.__setattr__(self, "pretrained_window",
                                _check_int("pretrained_window", self.pretrained_window, minimum=16))

@@ -71,8 +71,10 @@ def mapping_preset(config) -> str:
 def default_config(model_config, **overrides) -> LampeConfig:
     W = pretrained_window(model_config)
     window, sink = paper_sizes(W)
+    # Do no harm (docs/results.md): LaMPE from prompts of 1.25 W; a shorter prompt's sequence keeps
+    # the model's own attention while generating, up to 2 W.
     base = dict(window=window, sink=sink, mapping_length=mapping_preset(model_config), pretrained_window=W,
-                active_from=W)
+                active_from=W + W // 4, growth_from=2 * W)
     base.update(overrides)
     return LampeConfig(**base)
 
@@ -142,7 +144,8 @@ class LampeHandle:
         backends = {d: ("C kernel" if d == "cpu" and self.backend in ("auto", "c") else "torch") for d in sorted(dev)}
         state = "active" if self.active else "removed"
         return (f"LampeHandle({state}: window={c.window}, sink={c.sink}, mapping_length={rule}, "
-                f"temperature={c.temperature:.6g}, active_from={c.active_from}, decode={c.decode!r}, "
+                f"temperature={c.temperature:.6g}, active_from={c.active_from}, growth_from={c.growth_from}, "
+                f"decode={c.decode!r}, "
                 f"previous attention={self.previous_impl!r}, backend={backends})")
 
     # -- scoped use
@@ -237,13 +240,17 @@ class LampeHandle:
         cache = module.__dict__.get("_lampe_cache")
         plans = cache._lampe_plans if cache is not None else {}
         threshold = self.config.active_from if self.config.active_from is not None else 0
+        # A row whose prompt ran on the model's own attention (it has no plan and this pass does
+        # not start at position 0) waits for growth_from before switching.
+        growth = max(threshold, self.config.growth_from if self.config.growth_from is not None else 0)
         prompt = []
         if self.config.mode != "reference":  # baseline policies: every row plans its total length
-            threshold, plans = 0, {}
+            threshold, growth, plans = 0, 0, {}
+        first_pass = (pos.min(dim=1).values == 0).tolist()
         for b in range(B):
             if b in plans and self.config.mode == "reference":
                 prompt.append(plans[b])
-            elif totals[b] > threshold:
+            elif totals[b] > (threshold if first_pass[b] else growth):
                 prompt.append(totals[b])
                 if cache is not None:
                     plans[b] = totals[b]
@@ -336,7 +343,8 @@ def patch(model, config: Optional[LampeConfig] = None, *, backend: str = "auto",
           **overrides) -> LampeHandle:
     """Make every long input of ``model`` use LaMPE. Returns a handle; ``handle.remove()`` undoes it.
 
-    Defaults come from the model (pretrained window W, mapping-length preset, active_from = W);
+    Defaults come from the model (pretrained window W, mapping-length preset, active_from = 1.25 W,
+    growth_from = 2 W: see docs/results.md, "Do no harm");
     ``config`` replaces them (``config="paper"``: the authors' settings for this model, see
     LampeConfig.paper) and ``overrides`` (any LampeConfig field) adjust them. ``backend``:
     "auto" (C kernel on CPU tensors, pure torch elsewhere), "c" or "torch"."""
