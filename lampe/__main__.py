@@ -94,9 +94,11 @@ def describe_defaults(config) -> list:
     rule = (f"preset {u!r}" if isinstance(u, str) and u != "auto" else
             f"generic rule from W ('auto')" if u == "auto" else f"fixed {u}" if isinstance(u, int) else repr(u))
     active = cfg.active_from if cfg.active_from is not None else 2 * cfg.window
-    lines += [f"  below {active + 1} tokens in total: the model's own attention, bit-identical to the unpatched model",
-              f"  from {active + 1} tokens: LaMPE with window H = {cfg.window}, sink T = {cfg.sink}, "
-              f"temperature s = {cfg.temperature:.6g}",
+    grow = max(active, cfg.growth_from or 0)
+    lines += [f"  prompts of at most {active} tokens: the model's own attention, bit-identical to the unpatched "
+              f"model, also while generating up to {grow} tokens in total",
+              f"  longer prompts, and generation beyond {grow} tokens: LaMPE with window H = {cfg.window}, "
+              f"sink T = {cfg.sink}, temperature s = {cfg.temperature:.6g}",
               f"  mapping length U: {rule}"]
     rows = []
     for mult in (1.0, 1.1, 1.5, 2, 4, 8, 16):

@@ -114,7 +114,8 @@ def test_plan_model_config_previews_what_patch_chooses(tmp_path, changes):
     W = mc.max_position_embeddings
     assert f"pretrained window W = {W} tokens" in r.stdout
     assert f"window H = {chosen.window}, sink T = {chosen.sink}" in r.stdout
-    assert f"below {chosen.active_from + 1} tokens" in r.stdout
+    assert f"prompts of at most {chosen.active_from} tokens: the model's own attention" in r.stdout
+    assert f"generating up to {chosen.growth_from} tokens in total" in r.stdout
     for L in (2 * W, 4 * W, 8 * W):
         assert f"L = {L:>8} ({L / W:.3g}x W): U = {chosen.mapping_length_for(L)}" in r.stdout
     # with --length the plan uses the model's defaults

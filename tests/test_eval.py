@@ -279,3 +279,63 @@ def test_cells_order_and_counts():
     assert sum(x[0] == "perplexity" for x in c) == 2 * 2 * 2
     with pytest.raises(ValueError, match="unknown task"):
         runner.cells(["bogus"], ["a"], [1], [0.5], 1)
+
+
+# ------------------------------------------------------------------------------- do no harm
+
+def _trained_tiny():
+    from lampe import models
+    if not (models.tiny_path() / "model.safetensors").is_file():
+        pytest.skip("the tiny model's weights are not in lampe/assets")
+    return models.load("tiny")
+
+
+def test_do_no_harm_at_the_window_on_the_tiny_model():
+    """Passkey prompts of exactly W tokens: prompt and answer cross the window while generating.
+    lampe.patch's defaults must answer every prompt as the unpatched model does (docs/results.md,
+    "Do no harm"); the former default (LaMPE from W) did not."""
+    from lampe.hf import pretrained_window
+    m, tok = _trained_tiny()
+    W = pretrained_window(m.config)
+    cases = [T.passkey_case(tok, W, d, runner.seed("passkey", W, d, s)) for d in (0.1, 0.3, 0.5, 0.7, 0.9)
+             for s in range(4)]
+    original = T.run_cases(m, tok, cases)
+    with lampe.patched(m) as h:
+        assert h.config.active_from > W + 8  # the 8 answer tokens stay below the switch-over
+        patched = T.run_cases(m, tok, cases)
+    assert [r["answer"] for r in patched] == [r["answer"] for r in original]
+    accuracy = sum(r["correct"] for r in original) / len(cases)
+    assert accuracy >= 0.75  # the model does retrieve at 1x: the comparison means something
+    with lampe.patched(m, active_from=W, growth_from=None):  # the former default: planned mid-answer at W + 1
+        before = T.run_cases(m, tok, cases)
+    assert [r["answer"] for r in before] != [r["answer"] for r in original]
+
+
+def test_switch_over_points_of_the_defaults():
+    """lampe.patch's defaults: LaMPE for prompts longer than 1.25 W; a sequence from a shorter
+    prompt keeps the model's own attention while generating until it is longer than 2 W."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=259, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    m = transformers.LlamaForCausalLM(cfg).eval()
+    W = 64
+    x = torch.randint(3, 259, (1, 90), generator=torch.Generator().manual_seed(1))
+
+    def step_logits(prompt_len, new):
+        out = m.generate(x[:, :prompt_len], max_new_tokens=new, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True, pad_token_id=0)
+        return out.sequences, torch.cat(out.logits)  # logits[i]: the forward over prompt_len + i tokens
+
+    with torch.no_grad():
+        ref_seq, ref = step_logits(60, 90)
+        ref81 = m(x[:, :81]).logits
+        ref80 = m(x[:, :80]).logits
+        with lampe.patched(m) as h:
+            assert (h.config.active_from, h.config.growth_from) == (W + W // 4, 2 * W)
+            seq, got = step_logits(60, 90)
+            assert torch.equal(m(x[:, :80]).logits, ref80)          # a prompt of 1.25 W: the model's own
+            assert not torch.allclose(m(x[:, :81]).logits, ref81)    # one more token: LaMPE
+    n = 2 * W - 60 + 1  # steps whose forward covers at most 2 W tokens
+    assert torch.equal(got[:n], ref[:n]) and torch.equal(seq[:, :60 + n], ref_seq[:, :60 + n])
+    assert not torch.allclose(got[n], ref[n])  # the step over 2 W + 1 tokens runs LaMPE
