@@ -73,7 +73,7 @@ NB["02_passkey_and_perplexity.ipynb"] = [
              "plot_by_length(summarize(recs)['passkey'], 'passkey accuracy', 'passkey retrieval')"),
     ("md", "## Perplexity on held-out real text (Persuasion)\nFalls back to a repeated passage when the "
            "Debian text package cannot be fetched."),
-    ("code", "try:\n    text = lampe.data.book('persuasion')\nexcept Exception as e:\n    print('no Persuasion:', e)\n"
+    ("code", "from lampe.eval import texts\ntry:\n    text = texts.book('persuasion')\nexcept Exception as e:\n    print('no Persuasion:', e)\n"
              "    text = 'It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife. ' * 400\n"
              "ids = T.tokenize_text(tok, text, max_tokens=40 * W)\n"
              "recs = run_grid(model, tok, out_dir=out, tasks=['perplexity'], methods=['original', 'yarn', 'lampe'],\n"
