@@ -242,11 +242,11 @@ def cmd_eval(args) -> int:
     text_ids = haystack = ruler_haystack = None
     need = max(lengths) * 3 + 1
     if "perplexity" in tasks:
-        from . import data
+        from .eval import texts as data
         text = data.text_file(args.text) if args.text else data.book("persuasion")
         text_ids = T.tokenize_text(tok, text, max_tokens=need)
     if "needle" in tasks or (args.haystack == "austen" and set(tasks) & set(runner.RETRIEVAL_TASKS[2:])):
-        from . import data
+        from .eval import texts as data
         haystack = T.tokenize_text(tok, data.austen(), max_tokens=need)
         ruler_haystack = haystack if args.haystack == "austen" else None
     out = args.out or os.path.join("eval-results", name)
@@ -289,7 +289,7 @@ def cmd_demo(args) -> int:
           f"{len(depths)} depths per length")
     text_ids = None
     try:  # perplexity on held-out text when it is already on this machine (the demo stays offline)
-        from . import data
+        from .eval import texts as data
         if data.available().get("persuasion"):
             text_ids = T.tokenize_text(tok, data.book("persuasion"), max_tokens=3 * max(lengths) + 1)
     except Exception:  # no cached text: the passkey part is the demo

@@ -71,10 +71,8 @@ prepare)
     PYTHONPATH="$ROOT" "$PY" - "$XFER/cache" <<'EOF'
 import shutil, sys
 from pathlib import Path
-try:
-    from lampe.eval.texts import book, cache_dir
-except ImportError:
-    from lampe.data import book, cache_dir
+from lampe._cache import cache_dir
+from lampe.eval.texts import book
 for name in ("persuasion", "emma"):
     book(name)
     shutil.copy(cache_dir("texts") / f"{name}.txt", Path(sys.argv[1]) / "texts" / f"{name}.txt")
