@@ -339,3 +339,9 @@ def test_switch_over_points_of_the_defaults():
     n = 2 * W - 60 + 1  # steps whose forward covers at most 2 W tokens
     assert torch.equal(got[:n], ref[:n]) and torch.equal(seq[:, :60 + n], ref_seq[:, :60 + n])
     assert not torch.allclose(got[n], ref[n])  # the step over 2 W + 1 tokens runs LaMPE
+
+
+def test_fit_sigmoid_never_decreases():
+    fit = fit_sigmoid([12288, 16384, 24576], [7000, 3000, 2500], lmax=7500.0)
+    assert fit.a == 0.0 and fit(12288) == fit(24576)
+    assert min(7000, 3000, 2500) <= fit(16384) <= 7000

@@ -79,8 +79,9 @@ def calibrate(model, text, lengths: Sequence[int], tokenizer=None, candidates: O
 
 def fit_sigmoid(lengths: Sequence[int], best: Sequence[int], lmax: Optional[float] = None) -> MappingSigmoid:
     """Least-squares scaled sigmoid through (length, best U) points: for each candidate Lmax
-    above the largest U (or the given ``lmax``), a and b by linear regression on the logit; keep
-    the Lmax whose curve is closest to the points."""
+    above the largest U (or the given ``lmax``), a and b by linear regression on the logit (a
+    constant when the best U falls with L: a sigmoid may not decrease); keep the Lmax whose curve
+    is closest to the points."""
     L = np.asarray(lengths, dtype=np.float64)
     U = np.asarray(best, dtype=np.float64)
     if lmax is not None and not float(lmax) > float(U.max()):
@@ -91,7 +92,10 @@ def fit_sigmoid(lengths: Sequence[int], best: Sequence[int], lmax: Optional[floa
     tops = [float(lmax)] if lmax is not None else float(U.max()) * np.geomspace(1.01, 4.0, 200)
     best_fit = None
     for top in tops:
-        a, b = np.polyfit(L, np.log(U / (top - U)), 1)
+        z = np.log(U / (top - U))
+        a, b = np.polyfit(L, z, 1)
+        if a < 0:  # U must not shrink as inputs grow (MappingSigmoid requires a >= 0): a constant fits best
+            a, b = 0.0, float(z.mean())
         err = float(np.sum((top / (1.0 + np.exp(-(a * L + b))) - U) ** 2))
         if best_fit is None or err < best_fit[0]:
             best_fit = (err, float(a), float(b), float(top))

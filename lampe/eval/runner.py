@@ -124,7 +124,9 @@ def run_grid(model, tok, *, out_dir: str, tasks: Sequence[str] = ("passkey",), m
     generated together, all of one length; ``time_budget``: seconds after which no new batch
     starts (the records so far stay; rerunning continues)."""
     for m in methods:
-        M.parse(m)
+        if M.parse(m)[0] == "lampe-calibrated" and M.calibrated_for(model.config) is None:
+            raise ValueError("lampe-calibrated: no calibrated mapping length is recorded for this model "
+                             "(lampe.eval.methods.CALIBRATED)")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "records.jsonl")
     if not resume and os.path.exists(path):
