@@ -241,7 +241,7 @@ def cmd_eval(args) -> int:
     name = os.path.basename(os.path.normpath(args.model)) if os.path.exists(args.model) else args.model
     text_ids = haystack = ruler_haystack = None
     need = max(lengths) * 3 + 1
-    if "perplexity" in tasks:
+    if set(tasks) & set(runner.TEXT_TASKS):
         from .eval import texts as data
         text = data.text_file(args.text) if args.text else data.book("persuasion")
         text_ids = T.tokenize_text(tok, text, max_tokens=need)
@@ -252,7 +252,8 @@ def cmd_eval(args) -> int:
     out = args.out or os.path.join("eval-results", name)
     recs = run_grid(model, tok, out_dir=out, tasks=tasks, methods=methods, lengths=lengths, depths=depths,
                     samples=args.samples, windows=args.windows, text_ids=text_ids, haystack_ids=haystack,
-                    ruler_haystack_ids=ruler_haystack, ppl_last=args.ppl_last, preamble=args.model != "tiny",
+                    ruler_haystack_ids=ruler_haystack, ppl_last=args.ppl_last, growth_prompt=args.growth_prompt,
+                    preamble=args.model != "tiny",
                     resume=not args.no_resume, model_name=name, batch=args.batch, time_budget=args.time_budget)
     summary = summarize(recs, counts=True)
     table = markdown(summary, W)
@@ -380,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "OUT/records.jsonl (rerunning resumes), a Markdown table and plots.")
     pe.add_argument("--model", default="tiny", help="tiny, smollm2-135m, a checkpoint directory or a .gguf file")
     pe.add_argument("--tasks", default="passkey,perplexity", help="comma list of passkey, needle, multikey, "
-                    "multivalue, multiquery, vartrack, perplexity")
+                    "multivalue, multiquery, vartrack, perplexity, growth (perplexity of the tokens decoded after "
+                    "a prompt of --growth-prompt tokens)")
     pe.add_argument("--methods", help=f"comma list of {ALL_METHODS.replace(',', ', ')}, lampe-calibrated or "
                     f"lampe:FIELD=VALUE[:FIELD=VALUE] (default: {ALL_METHODS}; with --quick: original,lampe)")
     pe.add_argument("--multiples", default="1,2,4,8", help="lengths as multiples of the pretrained window")
@@ -391,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--windows", type=int, help="perplexity windows per length and method (default: samples // 2, "
                     "at least 1)")
     pe.add_argument("--ppl-last", type=int, default=256, help="perplexity of the last N tokens of each window")
+    pe.add_argument("--growth-prompt", type=int, metavar="P", help="growth task: the prompt length, the rest of "
+                    "each window is decoded token by token (default: the pretrained window)")
     pe.add_argument("--text", help="a text file for perplexity (default: Persuasion, held out)")
     pe.add_argument("--haystack", choices=["noise", "austen"], default="noise",
                     help="haystack of the RULER-style tasks: repeated filler sentences or Jane Austen's novels")

@@ -345,3 +345,19 @@ def test_fit_sigmoid_never_decreases():
     fit = fit_sigmoid([12288, 16384, 24576], [7000, 3000, 2500], lmax=7500.0)
     assert fit.a == 0.0 and fit(12288) == fit(24576)
     assert min(7000, 3000, 2500) <= fit(16384) <= 7000
+
+
+def test_growth_decodes_what_one_forward_pass_predicts():
+    m, tok = tiny()
+    ids = tok.encode(TEXT)
+    r = T.growth(m, ids, 150, 100, [0, 33])
+    full = T.token_losses(m, [T.text_window(ids, 151, o) for o in (0, 33)])  # predictions of tokens 1..150
+    for got, want in zip(r, full):
+        assert got["prompt"] == 100 and len(got["quarter_loss"]) == 4
+        assert abs(got["loss"] - float(want[99:150].mean())) < 1e-4  # tokens 100..150, predicted from 99..149
+    with pytest.raises(ValueError, match="prompt"):
+        T.growth(m, ids, 100, 100, [0])
+    recs = run_grid(m, tok, out_dir=str(__import__("tempfile").mkdtemp()), tasks=["growth"], methods=["original"],
+                    lengths=[160], windows=2, text_ids=ids, growth_prompt=128)
+    assert len(recs) == 2 and all(x["prompt"] == 128 and x["task"] == "growth" for x in recs)
+    assert "### growth (perplexity)" in markdown(summarize(recs), 128)

@@ -25,7 +25,8 @@ from . import tasks as T
 
 DEPTH_TASKS = ("passkey", "needle")
 RETRIEVAL_TASKS = DEPTH_TASKS + R.TASKS
-TASKS = RETRIEVAL_TASKS + ("perplexity",)
+TEXT_TASKS = ("perplexity", "growth")
+TASKS = RETRIEVAL_TASKS + TEXT_TASKS
 
 
 class Progress:
@@ -95,7 +96,7 @@ def cells(tasks: Sequence[str], methods: Sequence[str], lengths: Sequence[int], 
                     out += [(task, method, L, d, s) for d in depths for s in range(samples)]
                 elif task in R.TASKS:
                     out += [(task, method, L, None, s) for s in range(samples * len(depths))]
-                elif task == "perplexity":
+                elif task in TEXT_TASKS:
                     out += [(task, method, L, None, s) for s in range(windows)]
                 else:
                     raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
@@ -115,14 +116,17 @@ def run_grid(model, tok, *, out_dir: str, tasks: Sequence[str] = ("passkey",), m
              lengths: Sequence[int], depths: Sequence[float] = (0.1, 0.5, 0.9), samples: int = 5,
              windows: Optional[int] = None, text_ids: Optional[Sequence[int]] = None,
              haystack_ids: Optional[Sequence[int]] = None, ruler_haystack_ids: Optional[Sequence[int]] = None,
-             ppl_last: int = 256, preamble: bool = False, resume: bool = True, model_name: str = "model",
-             batch: int = 1, time_budget: Optional[float] = None, progress: bool = True) -> list:
+             ppl_last: int = 256, growth_prompt: Optional[int] = None, preamble: bool = False, resume: bool = True,
+             model_name: str = "model", batch: int = 1, time_budget: Optional[float] = None,
+             progress: bool = True) -> list:
     """Run every cell not already in out_dir/records.jsonl and return all records.
 
     ``haystack_ids``: real text for the needle task; ``ruler_haystack_ids``: real text for the
-    RULER-style tasks (default: their noise filler); ``batch``: prompts (or perplexity windows)
-    generated together, all of one length; ``time_budget``: seconds after which no new batch
-    starts (the records so far stay; rerunning continues)."""
+    RULER-style tasks (default: their noise filler); ``growth_prompt``: the prompt length of the
+    growth task (default: the pretrained window; records with another prompt length are other
+    cells, so write them to another out_dir); ``batch``: prompts (or perplexity windows) generated
+    together, all of one length; ``time_budget``: seconds after which no new batch starts (the
+    records so far stay; rerunning continues)."""
     for m in methods:
         if M.parse(m)[0] == "lampe-calibrated" and M.calibrated_for(model.config) is None:
             raise ValueError("lampe-calibrated: no calibrated mapping length is recorded for this model "
@@ -168,6 +172,10 @@ def run_grid(model, tok, *, out_dir: str, tasks: Sequence[str] = ("passkey",), m
                         if task == "perplexity":
                             results = T.perplexities(model, text_ids, L, min(ppl_last, L - 1),
                                                      [ppl_offset(c[4]) for c in chunk])
+                        elif task == "growth":
+                            from ..hf import pretrained_window
+                            results = T.growth(model, text_ids, L, growth_prompt or pretrained_window(model.config),
+                                               [ppl_offset(c[4]) for c in chunk])
                         else:
                             hay = haystack_ids if task == "needle" else ruler_haystack_ids
                             cases = [build_case(task, tok, L, c[3], c[4], hay, preamble) for c in chunk]
@@ -197,7 +205,7 @@ def summarize(records: Iterable[dict], counts: bool = False) -> dict:
     with ``counts``, each value is (value, number of prompts or windows)."""
     acc = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for r in records:
-        v = r["loss"] if r["task"] == "perplexity" else score_of(r)
+        v = r["loss"] if r["task"] in TEXT_TASKS else score_of(r)
         acc[r["task"]][r["method"]][r["length"]].append(v)
     out = {}
     for task, by_m in acc.items():
@@ -205,7 +213,7 @@ def summarize(records: Iterable[dict], counts: bool = False) -> dict:
         for m, by_l in by_m.items():
             out[task][m] = {}
             for L, v in by_l.items():
-                val = math.exp(sum(v) / len(v)) if task == "perplexity" else sum(v) / len(v)
+                val = math.exp(sum(v) / len(v)) if task in TEXT_TASKS else sum(v) / len(v)
                 out[task][m][L] = (val, len(v)) if counts else val
     return out
 
@@ -215,7 +223,7 @@ def markdown(summary: dict, window: int) -> str:
     lines = []
     for task, by_m in summary.items():
         lengths = sorted({L for v in by_m.values() for L in v})
-        unit = "perplexity" if task == "perplexity" else "accuracy"
+        unit = "perplexity" if task in TEXT_TASKS else "accuracy"
         lines.append(f"### {task} ({unit})\n")
         lines.append("| method | " + " | ".join(f"{L} ({L / window:g}x)" for L in lengths) + " |")
         lines.append("|---|" + "---|" * len(lengths))
@@ -227,7 +235,7 @@ def markdown(summary: dict, window: int) -> str:
                     row.append("-")
                     continue
                 val, n = v if isinstance(v, tuple) else (v, None)
-                s = f"{val:.2f}" if task == "perplexity" else f"{val:.0%}"
+                s = f"{val:.2f}" if task in TEXT_TASKS else f"{val:.0%}"
                 row.append(s if n is None else f"{s} ({n})")
             lines.append(f"| {m} | " + " | ".join(row) + " |")
         lines.append("")
@@ -268,7 +276,7 @@ def overview(records: list, path: str, window: int, title: str = "") -> Optional
         return None
     axes = fig.subplots(1, len(names), squeeze=False)[0]
     for ax, task in zip(axes, names):
-        _line_axes(ax, summary[task], window, task == "perplexity")
+        _line_axes(ax, summary[task], window, task in TEXT_TASKS)
         ax.set_title(task)
     axes[0].legend(fontsize=7)
     if title:
@@ -292,7 +300,7 @@ def plots(records: list, out_dir: str, window: int, title: str = "") -> list:
         names = list(by_m)
         fig = _figure(figsize=(1.6 + 1.1 * len(lengths), 0.8 + 0.45 * len(names)))
         ax = fig.subplots()
-        if task == "perplexity":
+        if task in TEXT_TASKS:
             _line_axes(ax, by_m, window, True)
             ax.legend(fontsize=8)
         else:

@@ -200,6 +200,34 @@ def perplexity(model, tok, text_ids: Sequence[int], n_tokens: int, last: int, of
     return perplexities(model, text_ids, n_tokens, last, [offset], buckets)[0]
 
 
+@torch.no_grad()
+def growth(model, text_ids: Sequence[int], n_tokens: int, prompt: int, offsets: Sequence[int],
+           quarters: int = 4) -> list:
+    """Perplexity of a sequence that grows by decoding: for each offset, the first ``prompt``
+    tokens of an ``n_tokens`` window of real text go through one forward pass (the prompt), then
+    the rest one token at a time through the cache, as generate() does, teacher-forced. The loss
+    covers every token after the prompt; ``quarter_loss`` splits it into equal parts. One window
+    at a time (the decode steps dominate)."""
+    from ..hf import compat
+
+    if not 0 < prompt < n_tokens:
+        raise ValueError(f"growth needs 0 < prompt ({prompt}) < length ({n_tokens})")
+    out = []
+    for o in offsets:
+        x = torch.tensor([text_window(text_ids, n_tokens + 1, o)], dtype=torch.long, device=model.device)
+        step = model(x[:, :prompt], use_cache=True)
+        logits = [step.logits[:, -1].float()]
+        for t in range(prompt, n_tokens):
+            step = model(x[:, t:t + 1], use_cache=True, **compat.cache_kwargs(model, compat.output_cache(step)))
+            logits.append(step.logits[:, -1].float())
+        losses = torch.nn.functional.cross_entropy(torch.cat(logits), x[0, prompt:n_tokens + 1],
+                                                   reduction="none").cpu()
+        loss = float(losses.mean())
+        out.append(dict(loss=loss, ppl=math.exp(loss), tokens=n_tokens, prompt=prompt,
+                        quarter_loss=[float(c.mean()) for c in torch.tensor_split(losses, quarters)]))
+    return out
+
+
 def tokenize_text(tok, text: str, max_tokens: Optional[int] = None) -> list:
     if max_tokens is not None:
         text = text[: max_tokens * 8]  # enough characters for any tokenizer's ratio
