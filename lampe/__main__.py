@@ -240,7 +240,7 @@ def cmd_eval(args) -> int:
                [int(m * W) for m in _numbers("--multiples", args.multiples, float)])
     name = os.path.basename(os.path.normpath(args.model)) if os.path.exists(args.model) else args.model
     text_ids = haystack = ruler_haystack = None
-    need = max(lengths) * 3 + 1
+    need = max(lengths) * 3 + 1 if args.text_tokens is None else (args.text_tokens or None)
     if set(tasks) & set(runner.TEXT_TASKS):
         from .eval import texts as data
         text = data.text_file(args.text) if args.text else data.book("persuasion")
@@ -396,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--growth-prompt", type=int, metavar="P", help="growth task: the prompt length, the rest of "
                     "each window is decoded token by token (default: the pretrained window)")
     pe.add_argument("--text", help="a text file for perplexity (default: Persuasion, held out)")
+    pe.add_argument("--text-tokens", type=int, metavar="N", help="tokens of the text (and haystack) to use; "
+                    "windows start at fixed offsets modulo what fits (default: 3 x the longest length + 1, as in "
+                    "the first recorded results; 0: the whole text, which spreads windows over the book)")
     pe.add_argument("--haystack", choices=["noise", "austen"], default="noise",
                     help="haystack of the RULER-style tasks: repeated filler sentences or Jane Austen's novels")
     pe.add_argument("--out", help="output directory (default: eval-results/MODEL)")
