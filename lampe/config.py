@@ -122,7 +122,7 @@ class LampeConfig:
     growth_from: used by model patching: a sequence whose prompt (its first forward pass) was at
         most active_from tokens keeps the model's own attention while it grows by generation, until
         its total length exceeds growth_from; None means active_from. Switching mid-answer costs
-        retrieval accuracy, so lampe.patch's defaults wait until 2 W (docs/results.md, "Do no harm").
+        retrieval accuracy, so lampe.patch's defaults wait until 1.5 W (docs/results.md, "Do no harm").
     """
 
     window: int = 512

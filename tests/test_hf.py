@@ -281,14 +281,14 @@ def test_defaults_derived_from_the_model():
     yarn = cfg(max_position_embeddings=32768, rope_parameters={"rope_type": "yarn", "factor": 4.0,
                "original_max_position_embeddings": 8192, "rope_theta": 10000.0})
     d = hfpatch.default_config(yarn)
-    assert d.pretrained_window == 8192 and (d.active_from, d.growth_from) == (10240, 16384)  # 1.25 W, 2 W
+    assert d.pretrained_window == 8192 and (d.active_from, d.growth_from) == (10240, 12288)  # 1.25 W, 1.5 W
     m = transformers.MistralConfig(num_hidden_layers=1, hidden_size=64, num_attention_heads=4, intermediate_size=64,
                                    max_position_embeddings=32768)
     assert hfpatch.default_config(m).mapping_length == "mistral"
     small = hfpatch.default_config(cfg(max_position_embeddings=256))
     assert (small.window, small.sink, small.mapping_length) == (32, 12, "auto")  # W/8, W*200/4096
     h = lampe.patch(tiny("llama"))
-    assert "generic rule from W=64" in repr(h) and "active_from=80, growth_from=128" in repr(h)
+    assert "generic rule from W=64" in repr(h) and "active_from=80, growth_from=96" in repr(h)
     h.remove()
     h = lampe.patch(tiny("llama"), config="paper")
     assert (h.config.window, h.config.sink, h.config.active_from) == (8, 3, 0)  # W/8 and W*200/4096 of W=64

@@ -72,9 +72,9 @@ def default_config(model_config, **overrides) -> LampeConfig:
     W = pretrained_window(model_config)
     window, sink = paper_sizes(W)
     # Do no harm (docs/results.md): LaMPE from prompts of 1.25 W; a shorter prompt's sequence keeps
-    # the model's own attention while generating, up to 2 W.
+    # the model's own attention while generating, up to 1.5 W.
     base = dict(window=window, sink=sink, mapping_length=mapping_preset(model_config), pretrained_window=W,
-                active_from=W + W // 4, growth_from=2 * W)
+                active_from=W + W // 4, growth_from=W + W // 2)
     base.update(overrides)
     return LampeConfig(**base)
 
@@ -344,7 +344,7 @@ def patch(model, config: Optional[LampeConfig] = None, *, backend: str = "auto",
     """Make every long input of ``model`` use LaMPE. Returns a handle; ``handle.remove()`` undoes it.
 
     Defaults come from the model (pretrained window W, mapping-length preset, active_from = 1.25 W,
-    growth_from = 2 W: see docs/results.md, "Do no harm");
+    growth_from = 1.5 W: see docs/results.md, "Do no harm");
     ``config`` replaces them (``config="paper"``: the authors' settings for this model, see
     LampeConfig.paper) and ``overrides`` (any LampeConfig field) adjust them. ``backend``:
     "auto" (C kernel on CPU tensors, pure torch elsewhere), "c" or "torch"."""
