@@ -313,7 +313,7 @@ def test_do_no_harm_at_the_window_on_the_tiny_model():
 
 def test_switch_over_points_of_the_defaults():
     """lampe.patch's defaults: LaMPE for prompts longer than 1.25 W; a sequence from a shorter
-    prompt keeps the model's own attention while generating until it is longer than 2 W."""
+    prompt keeps the model's own attention while generating until it is longer than 1.5 W."""
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=259, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -332,13 +332,13 @@ def test_switch_over_points_of_the_defaults():
         ref81 = m(x[:, :81]).logits
         ref80 = m(x[:, :80]).logits
         with lampe.patched(m) as h:
-            assert (h.config.active_from, h.config.growth_from) == (W + W // 4, 2 * W)
+            assert (h.config.active_from, h.config.growth_from) == (W + W // 4, W + W // 2)
             seq, got = step_logits(60, 90)
             assert torch.equal(m(x[:, :80]).logits, ref80)          # a prompt of 1.25 W: the model's own
             assert not torch.allclose(m(x[:, :81]).logits, ref81)    # one more token: LaMPE
-    n = 2 * W - 60 + 1  # steps whose forward covers at most 2 W tokens
+    n = W + W // 2 - 60 + 1  # steps whose forward covers at most 1.5 W tokens
     assert torch.equal(got[:n], ref[:n]) and torch.equal(seq[:, :60 + n], ref_seq[:, :60 + n])
-    assert not torch.allclose(got[n], ref[n])  # the step over 2 W + 1 tokens runs LaMPE
+    assert not torch.allclose(got[n], ref[n])  # the step over 1.5 W + 1 tokens runs LaMPE
 
 
 def test_fit_sigmoid_never_decreases():
