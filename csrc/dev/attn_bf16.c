@@ -20,13 +20,18 @@
  *  4  both products on AMX tiles (TDPBF16PS), same layouts as 3: Q.K^T per 16-row strip into
  *     4 accumulator tiles (64 keys), P.V per strip and 16-dim column with O loaded into the
  *     accumulator tile and stored back.
+ *  5  the package's csrc/cpu/attn_tiles.h on its bf16 path: version 3 (LAMPE_LEVEL 3: ISA
+ *     avx512bf16 or emu3) or version 4 (LAMPE_LEVEL 4: amx or emu), rows masked per position.
  */
 #include "dev.h"
 
-#define LAMPE_LEVEL 2
+#ifndef LAMPE_LEVEL
+#define LAMPE_LEVEL 4 /* run.sh: 3 for avx512bf16 and emu3 (version 5 = VDPBF16PS), 4 otherwise (AMX) */
+#endif
 #include "../cpu/simd.h"
 #include "../cpu/bf16_ops.h"
 #include "../cpu/amx_ops.h"
+#include "../cpu/attn_tiles.h"
 
 #define D 128
 #define BK 64
@@ -285,9 +290,47 @@ static void tile(const ctx *c, int version, int64_t t0, int64_t t1, float *scrat
     }
 }
 
+/* Version 5: one tile through attn_tiles.h (bf16 panels of the same layout as 3 and 4). */
+static void tile_v5(const ctx *c, int64_t t0, int64_t t1, float *scratch)
+{
+    const int64_t G = c->G, M = (t1 - t0) * G, Dk = tiles_dk16(D);
+    tile_state ts;
+    float *Qf = scratch;
+    uint16_t *Qb = (uint16_t *)(Qf + (M + TILE_ROW_ALIGN) * D);
+    float *tsc = (float *)(Qb + (M + TILE_ROW_ALIGN) * Dk);
+    tiles_init(&ts, M, G, D, 1, tsc);
+    memset(Qf, 0, (size_t)(ts.Mp * D) * 4);
+    for (int64_t r = 0; r < M; r++)
+        for (int64_t d = 0; d < D; d++) Qf[r * D + d] = lampe_bf16_to_f32(c->Q[(t0 * G + r) * D + d]) * c->qscale;
+    for (int64_t r = 0; r < ts.Mp; r++) cvt_row_f32_to_bf16(Qf + r * D, Qb + r * Dk, D);
+    int64_t lo[TILE_ROWS], hi[TILE_ROWS];
+    for (int64_t pi = 0; pi < t1 - t0; pi++) lo[pi] = 0, hi[pi] = t0 + pi;
+    for (int64_t blk = 0; blk <= (t1 - 1) / BK; blk++) {
+        const int64_t k0 = blk * BK, nk = k0 + BK < c->L ? BK : c->L - k0;
+        tiles_block(&ts, Qf, Qb, c->Kb + blk * BK * Dk, c->Vb + blk * BK * D, k0, nk, lo, hi);
+    }
+    for (int64_t r = 0; r < M; r++) {
+        const float l = tiles_row_sum(&ts, r), inv = l > 0.0f ? 1.0f / l : 0.0f;
+        for (int64_t d = 0; d < D; d++) c->out[(t0 * G + r) * D + d] = ts.O[r * ts.ldo + d] * inv;
+    }
+}
+
 static void run(const ctx *c, int version, float *scratch)
 {
     amx_tilecfg cfg;
+    if (version == 5) {
+#ifdef TILE_AMX
+        tiles_amx_begin();
+#endif
+        int64_t bq = TILE_ROWS / c->G;
+        if (bq < 1) bq = 1;
+        for (int64_t t0 = (c->L - 1) / bq * bq; t0 >= 0; t0 -= bq)
+            tile_v5(c, t0, t0 + bq < c->L ? t0 + bq : c->L, scratch);
+#ifdef TILE_AMX
+        tiles_amx_end();
+#endif
+        return;
+    }
     if (version == 4) {
         amx_tilecfg_full(&cfg);
         amx_configure(&cfg);
@@ -348,7 +391,7 @@ int main(int argc, char **argv)
         ver[nv] = atoi(argv[i]);
         const char *sl = strchr(argv[i], '/');
         skp[nv] = sl ? atoi(sl + 1) : 0;
-        if (ver[nv] < 1 || ver[nv] > 4) {
+        if (ver[nv] < 1 || ver[nv] > 5) {
             fprintf(stderr, "unknown version %d\n", ver[nv]);
             return 2;
         }
@@ -376,7 +419,8 @@ int main(int argc, char **argv)
             Vb[b * BK * D + ((d / DC) * (BK / 2) + jj / 2) * DC * 2 + (d % DC) * 2 + jj % 2] = lampe_f32_to_bf16(V[j * D + d]);
         }
     ctx c = {L, G, nblk, Q, (float)(1.0 / sqrt((double)D)) * LOG2E, Kf, Vf, Kb, Vb, out, 0};
-    float *scratch = dev_alloc((size_t)(TILE_ROWS + 96) * (2 * D + BK + 1 + VW + D / 2 + BK / 2) * 4);
+    float *scratch = dev_alloc((size_t)(TILE_ROWS + 96) * (2 * D + BK + 1 + VW + D / 2 + BK / 2) * 4 +
+                               (size_t)tiles_scratch_floats(TILE_ROWS, D) * 4);
     dev_pin(0);
     for (int i = 0; i < nv; i++) {
         memset(out, 0, (size_t)(L * G * D) * 4);

@@ -29,6 +29,8 @@
  *  4  tiles of 128 rows: each K/V block is fetched from L2/L3 half as often.
  *  5  the next key block is prefetched into L2, spread over the Q.K^T row groups.
  *  6  tiles of 256 rows.
+ *  7  version 5 through the package's csrc/cpu/attn_tiles.h (rows masked per position, row
+ *     groups skipped per block, lazy softmax, 128-row tiles; no prefetch).
  */
 #include "dev.h"
 
@@ -40,6 +42,7 @@
 #define LAMPE_LEVEL 0
 #endif
 #include "../cpu/simd.h"
+#include "../cpu/attn_tiles.h"
 
 #define D 128
 #define BK 64
@@ -247,6 +250,7 @@ static const features FEAT[] = {
     /* 4 */ {128, 1, 0},
     /* 5 */ {128, 1, 1},
     /* 6 */ {256, 1, 1},
+    /* 7 */ {128, 1, 0},
 };
 
 /* S[r][0..QK2_NR) for `mr` <= QK2_MR rows from one [D][QK2_NR] chunk. */
@@ -396,7 +400,28 @@ static void tile_v2(const ctx *c, const features *f, int64_t t0, int64_t t1, flo
     }
 }
 
-#define NVERSIONS 6
+/* Version 7: one tile through attn_tiles.h (float32 panels of the same layout as 2-6). */
+static void tile_v7(const ctx *c, int64_t t0, int64_t t1, float *scratch)
+{
+    const int64_t G = c->G, M = (t1 - t0) * G;
+    float *Q = scratch, *tsc = Q + (M + TILE_ROW_ALIGN) * D;
+    tile_state ts;
+    tiles_init(&ts, M, G, D, 0, tsc);
+    memcpy(Q, c->Q + t0 * G * D, (size_t)(M * D) * 4);
+    memset(Q + M * D, 0, (size_t)((ts.Mp - M) * D) * 4);
+    int64_t lo[256], hi[256];
+    for (int64_t pi = 0; pi < t1 - t0; pi++) lo[pi] = 0, hi[pi] = t0 + pi;
+    for (int64_t blk = 0; blk <= (t1 - 1) / BK; blk++) {
+        const int64_t k0 = blk * BK, nk = k0 + BK < c->L ? BK : c->L - k0, hb = c->skip & 8 ? 0 : blk;
+        tiles_block(&ts, Q, NULL, c->Ks + hb * BK * D, c->Vs + hb * BK * D, k0, nk, lo, hi);
+    }
+    for (int64_t r = 0; r < M; r++) {
+        const float l = tiles_row_sum(&ts, r), inv = l > 0.0f ? 1.0f / l : 0.0f;
+        for (int64_t d = 0; d < D; d++) c->out[(t0 * G + r) * D + d] = ts.O[r * ts.ldo + d] * inv;
+    }
+}
+
+#define NVERSIONS 7
 
 
 static void run(const ctx *c, int version, float *scratch)
@@ -408,6 +433,8 @@ static void run(const ctx *c, int version, float *scratch)
         const int64_t t1 = t0 + bq < c->L ? t0 + bq : c->L;
         if (version == 1)
             tile_v1(c, t0, t1, scratch);
+        else if (version == 7)
+            tile_v7(c, t0, t1, scratch);
         else
             tile_v2(c, &FEAT[version], t0, t1, scratch);
     }
@@ -488,7 +515,7 @@ int main(int argc, char **argv)
             Vs[b * BK * D + (d / PV_DC) * BK * PV_DC + jj * PV_DC + d % PV_DC] = V[j * ldv + d];
         }
     ctx c = {L, G, ldv, nblk, Q, Kp, V, Ks, Vs, out, 0};
-    float *scratch = dev_alloc((size_t)((256 + 40) * (2 * D + BK + 2 + VW)) * 4);
+    float *scratch = dev_alloc((size_t)((256 + 48) * (2 * D + BK + 2 + VW)) * 4 + (size_t)tiles_scratch_floats(256, D) * 4);
     dev_pin(0);
 
     for (int i = 0; i < nv; i++) { /* correctness first */
