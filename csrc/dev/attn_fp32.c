@@ -376,8 +376,8 @@ static void tile_v2(const ctx *c, const features *f, int64_t t0, int64_t t1, flo
                     qk_full(Q + r * D, Kb + j * D, S + r * BK + j);
                     if (pf && j == 0) { /* this group's share of the next block's lines */
                         for (int64_t ln = g * nlines / ngroups; ln < (g + 1) * nlines / ngroups; ln++) {
-                            _mm_prefetch(nxk + ln * 64, _MM_HINT_T1);
-                            _mm_prefetch(nxv + ln * 64, _MM_HINT_T1);
+                            __builtin_prefetch(nxk + ln * 64, 0, 2);
+                            __builtin_prefetch(nxv + ln * 64, 0, 2);
                         }
                     }
                 }
