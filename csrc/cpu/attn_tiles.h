@@ -36,11 +36,11 @@
 #define TQK_NV 2
 #define TPV_MR 3
 #define TPV_NV 4
-#else
+#else /* scalar: plain loops the compiler may vectorise for the baseline ISA (SSE2, NEON) */
 #define TQK_MR 4
-#define TQK_NV 8
-#define TPV_MR 2
-#define TPV_NV 8
+#define TQK_NV 16
+#define TPV_MR 1
+#define TPV_NV 16
 #endif
 #define TQK_NR (TQK_NV * VW) /* keys per K chunk  */
 #define TPV_DC (TPV_NV * VW) /* dims per V chunk  */
@@ -167,16 +167,11 @@ static inline void tiles_qk_f32(const float *Q, int64_t D, const float *Kc, floa
         _Pragma("GCC unroll 8") for (int r = 0; r < TPV_MR; r++)                                            \
             _Pragma("GCC unroll 8") for (int c = 0; c < NV; c++) v_store(O + r * ldo + c * VW, a[r][c]);    \
     }
+#if LAMPE_LEVEL > 0
 TILES_DEF_PV_F32(1)
 TILES_DEF_PV_F32(2)
 TILES_DEF_PV_F32(3)
 TILES_DEF_PV_F32(4)
-#if TPV_NV > 4
-TILES_DEF_PV_F32(5)
-TILES_DEF_PV_F32(6)
-TILES_DEF_PV_F32(7)
-TILES_DEF_PV_F32(8)
-#endif
 
 static inline void tiles_pv_f32(const float *P, float *O, int64_t ldo, const float *Vc, int64_t nk, int64_t nv)
 {
@@ -184,15 +179,22 @@ static inline void tiles_pv_f32(const float *P, float *O, int64_t ldo, const flo
     case 1: tiles_pv_f32_1(P, O, ldo, Vc, nk); break;
     case 2: tiles_pv_f32_2(P, O, ldo, Vc, nk); break;
     case 3: tiles_pv_f32_3(P, O, ldo, Vc, nk); break;
-    case 4: tiles_pv_f32_4(P, O, ldo, Vc, nk); break;
-#if TPV_NV > 4
-    case 5: tiles_pv_f32_5(P, O, ldo, Vc, nk); break;
-    case 6: tiles_pv_f32_6(P, O, ldo, Vc, nk); break;
-    case 7: tiles_pv_f32_7(P, O, ldo, Vc, nk); break;
-    default: tiles_pv_f32_8(P, O, ldo, Vc, nk); break;
-#endif
+    default: tiles_pv_f32_4(P, O, ldo, Vc, nk); break;
     }
 }
+#else
+static inline void tiles_pv_f32(const float *P, float *O, int64_t ldo, const float *Vc, int64_t nk, int64_t nv)
+{
+    (void)ldo; /* TPV_MR = 1 */
+    float acc[TPV_NV];
+    for (int64_t c = 0; c < nv; c++) acc[c] = O[c];
+    for (int64_t j = 0; j < nk; j++) {
+        const float p = P[j];
+        for (int64_t c = 0; c < nv; c++) acc[c] += p * Vc[j * nv + c];
+    }
+    for (int64_t c = 0; c < nv; c++) O[c] = acc[c];
+}
+#endif
 
 /* ------------------------------------------------------------------ bf16 micro-kernels (VDPBF16PS) */
 

@@ -229,9 +229,9 @@ static void tile_v1(const ctx *c, int64_t t0, int64_t t1, float *scratch)
 #define PV_NV 4  /* 3 x 32 dims: 12 accumulators, 88% (4 x 2: 77%) */
 #else
 #define QK2_MR 4
-#define QK2_NV 8
-#define PV_MR 2
-#define PV_NV 8
+#define QK2_NV 16
+#define PV_MR 1
+#define PV_NV 16
 #endif
 #define QK2_NR (QK2_NV * VW)
 #define PV_DC (PV_NV * VW)
