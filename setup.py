@@ -12,10 +12,12 @@ import importlib.util
 import os
 import platform
 import sysconfig
+import tempfile
 
 import numpy as np
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.errors import CompileError
 
 try:
     from setuptools.modified import newer_group
@@ -48,13 +50,36 @@ ISA_SOURCES = [f"csrc/cpu/{n}" for n in FLAGS.ISA_UNITS] if X86 else []
 
 class BuildExt(build_ext):
     """Compiles the ISA units first, each with BASE + its ISA flags, then the extension with
-    those objects added to its link."""
+    those objects added to its link. A unit whose flags this compiler rejects is left out, and
+    dispatch.c is told (its level then reports unavailable)."""
+
+    def _accepts(self, flags):
+        with tempfile.TemporaryDirectory() as tmp:
+            src = os.path.join(tmp, "flags.c")
+            with open(src, "w") as fh:
+                fh.write("int lampe_flag_probe(void) { return 0; }\n")
+            try:
+                self.compiler.compile([src], output_dir=tmp, extra_postargs=BASE_FLAGS + flags)
+            except CompileError:
+                return False
+        return True
 
     def build_extension(self, ext):
         if not (self.force or newer_group(ext.sources + ext.depends, self.get_ext_fullpath(ext.name), "newer")):
             return super().build_extension(ext)  # up to date: it says so and skips
-        objects = []
+        units = []
         for src in ISA_SOURCES:
+            unit = os.path.basename(src)
+            if self._accepts(FLAGS.isa_flags(unit)):
+                units.append(src)
+            elif unit in FLAGS.UNIT_MISSING_MACRO:
+                print(f"lampe: {self.compiler.compiler_so[0]} rejects {' '.join(FLAGS.isa_flags(unit))}: "
+                      f"building without {unit}")
+                ext.define_macros.append((FLAGS.UNIT_MISSING_MACRO[unit], "1"))
+            else:
+                raise CompileError(f"the compiler rejects the flags of {unit}: {' '.join(FLAGS.isa_flags(unit))}")
+        objects = []
+        for src in units:
             objects += self.compiler.compile(
                 [src], output_dir=self.build_temp, macros=ext.define_macros, include_dirs=ext.include_dirs,
                 debug=self.debug, extra_postargs=BASE_FLAGS + FLAGS.isa_flags(os.path.basename(src)),

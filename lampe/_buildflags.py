@@ -27,11 +27,22 @@ _AVX2 = ["-mavx2", "-mfma", "-mf16c"]
 _AVX512 = _AVX2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
 
 #: Kernel units (files of csrc/cpu, x86-64 only) and their ISA flags. kernels_scalar.c is built
-#: with BASE alone on every architecture.
+#: with BASE alone on every architecture. The *_emu units are the test levels avx512bf16-emu and
+#: amx-emu: the bf16 kernels with VDPBF16PS / the AMX tile unit emulated in plain AVX-512.
 ISA_UNITS = {
     "kernels_avx2.c": _AVX2,
     "kernels_avx512.c": _AVX512,
     "kernels_avx512bf16.c": _AVX512 + ["-mavx512bf16"],
+    "kernels_amx.c": _AVX512 + ["-mavx512bf16", "-mamx-tile", "-mamx-bf16"],
+    "kernels_avx512bf16_emu.c": _AVX512,
+    "kernels_amx_emu.c": _AVX512,
+}
+
+#: A unit whose flags the compiler rejects (GCC < 10 has no -mavx512bf16, GCC < 11 no -mamx-*) is
+#: left out of the build, and this macro tells csrc/core/dispatch.c that its level is missing.
+UNIT_MISSING_MACRO = {
+    "kernels_avx512bf16.c": "LAMPE_WITHOUT_AVX512BF16",
+    "kernels_amx.c": "LAMPE_WITHOUT_AMX",
 }
 
 #: Added (with -fsanitize=KINDS) for sanitizer builds. -fno-wrapv: Python's own CFLAGS carry

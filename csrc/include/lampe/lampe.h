@@ -36,22 +36,41 @@ const char *lampe_status_string(int status);
 
 typedef enum { LAMPE_F32 = 0, LAMPE_BF16 = 1, LAMPE_F16 = 2 } lampe_dtype;
 
+/*
+ * CPU kernel levels, in the order of lampe_set_isa's cap (each level's CPU features include the
+ * lower ones' on every CPU that has it). The levels above avx512 differ only for bfloat16
+ * inputs: float32 and float16 inputs run the avx512 float32 kernels there (AVX512-FP16 would
+ * accumulate in fp16, which the reference tolerance does not allow).
+ */
 typedef enum {
     LAMPE_ISA_SCALAR = 0,
-    LAMPE_ISA_AVX2 = 1,       /* AVX2 + FMA + F16C                          */
-    LAMPE_ISA_AVX512 = 2,     /* AVX-512 F/BW/VL/DQ                         */
-    LAMPE_ISA_AVX512BF16 = 3, /* the above + AVX512_BF16                    */
-    LAMPE_ISA_COUNT = 4
+    LAMPE_ISA_AVX2 = 1,       /* AVX2 + FMA + F16C                                            */
+    LAMPE_ISA_AVX512 = 2,     /* AVX-512 F/BW/VL/DQ                                           */
+    LAMPE_ISA_AVX512BF16 = 3, /* + AVX512_BF16: bf16 products with VDPBF16PS (Zen 4, Cooper Lake+) */
+    LAMPE_ISA_AMX = 4,        /* + AMX-TILE/AMX-BF16 and the OS's permission: bf16 products on
+                                 AMX tiles (Sapphire Rapids+)                                  */
+    LAMPE_ISA_COUNT = 5,
+    /* Test levels, never chosen by the cap and never listed as available: the avx512bf16 and
+     * amx kernels with VDPBF16PS and the AMX tile unit emulated exactly in plain AVX-512, so
+     * their layouts and loops are tested on any AVX-512 CPU. Selected by name (lampe_set_isa,
+     * LAMPE_CPU_ISA) where avx512 is available; several times slower than avx512. */
+    LAMPE_ISA_AVX512BF16_EMU = 5,
+    LAMPE_ISA_AMX_EMU = 6,
+    LAMPE_ISA_ALL = 7
 } lampe_isa;
 
-/* Bit i set when ISA i is both compiled in and supported by this CPU and OS (CPUID + XGETBV). */
+/* Bit i set when level i < LAMPE_ISA_COUNT is both compiled in and supported by this CPU and OS
+ * (CPUID + XGETBV, and for amx the Linux permission to use the tile data state). */
 uint32_t lampe_isa_available_mask(void);
-/* The ISA kernels run with now: the best available, capped by LAMPE_CPU_ISA and lampe_set_isa. */
+/* The level kernels run with now: the best available one not above the cap (LAMPE_CPU_ISA at
+ * start, then lampe_set_isa), or the test level selected by name. */
 lampe_isa lampe_isa_current(void);
-/* Cap the choice (in-process, for tests). LAMPE_ERR_UNSUPPORTED if the ISA is unavailable. */
+/* Cap the choice at `isa` (in-process, for tests and benchmarks): LAMPE_ERR_UNSUPPORTED if that
+ * level itself is unavailable (a test level: if avx512 is), LAMPE_ERR_ARG if it is no level. */
 int lampe_set_isa(lampe_isa isa);
 const char *lampe_isa_name(lampe_isa isa);
-/* Parse "scalar", "avx2", "avx512", "avx512bf16"; -1 when unknown. */
+/* Parse "scalar", "avx2", "avx512", "avx512bf16", "amx", "avx512bf16-emu", "amx-emu"
+ * (case-insensitive); -1 when unknown. */
 int lampe_isa_from_name(const char *name);
 
 /* ------------------------------------------------------------------ threads */
