@@ -16,12 +16,23 @@ units=(csrc/cpu/kernels_scalar.c)
 if [ "$(uname -m)" = x86_64 ]; then
     while read -r unit; do units+=("csrc/cpu/$unit"); done < <(flags units)
 fi
-objs=()
-for src in csrc/core/*.c "${units[@]}" tests/c/test_core.c; do
-    obj="$OUT/$(basename "${src%.c}").o"
+# compile SRC with the base flags and the ISA flags of kernel unit UNIT (default: SRC's own name)
+build() {
+    local src=$1 unit=${2:-$(basename "$1")} obj="$OUT/$(basename "${1%.c}").o"
     # shellcheck disable=SC2046  # the flags are meant to split into words
-    $CC $CFLAGS $(flags isa "$(basename "$src")") -c "$src" -o "$obj"
-    objs+=("$obj")
-done
-$CC $SAN "${objs[@]}" -o "$OUT/test_core" -lm -pthread
-ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 "$OUT/test_core"
+    $CC $CFLAGS $(flags isa "$unit") -c "$src" -o "$obj"
+    echo "$obj"
+}
+objs=()
+for src in csrc/core/*.c "${units[@]}"; do objs+=("$(build "$src")"); done
+core_test=$(build tests/c/test_core.c)
+$CC $SAN "${objs[@]}" "$core_test" -o "$OUT/test_core" -lm -pthread
+run() { ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 "$@"; }
+run "$OUT/test_core"
+if [ "$(uname -m)" = x86_64 ]; then
+    # the ISA tests: each test_isa_LEVEL.c gets the flags of kernels_LEVEL.c
+    isa_objs=("$(build tests/c/test_isa.c)")
+    for lvl in avx512 avx512bf16 amx; do isa_objs+=("$(build "tests/c/test_isa_$lvl.c" "kernels_$lvl.c")"); done
+    $CC $SAN "${objs[@]}" "${isa_objs[@]}" -o "$OUT/test_isa" -lm -pthread
+    run "$OUT/test_isa"
+fi
