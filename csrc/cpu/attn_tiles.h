@@ -418,55 +418,53 @@ static inline void tiles_zero_row(tile_state *t, int64_t r)
 #endif
 }
 
-/*
- * One key block [k0, k0 + nk) for rows [0, M): Q (float32 [Mp][D]) or Qb (bf16 [Mp][Dk]) are
- * this slot's rotated, scaled queries (padding rows zero); lo/hi[pi] the slot's visible key range
- * of position pi (tensor indices, inclusive). Kb/Vb: this block's panels in the layout of the
- * path (float32 or bf16).
- */
-static inline void tiles_block(tile_state *t, const float *Q, const uint16_t *Qb, const void *Kb, const void *Vb,
-                               int64_t k0, int64_t nk, const int64_t *lo, const int64_t *hi)
+/* Marks the rows that see keys of [k0, k0 + nk); returns the last such row (-1: none) and the
+ * first in *rmin. */
+static inline int64_t tiles_mark_rows(tile_state *t, int64_t k0, int64_t nk, const int64_t *lo, const int64_t *hi,
+                                      int64_t *rmin)
 {
-    const int64_t M = t->M, G = t->G, D = t->D;
-    /* which rows see this block, and the range of row groups to run */
-    int64_t rmin = M, rmax = -1;
+    const int64_t M = t->M, G = t->G;
+    int64_t first = M, last = -1;
     for (int64_t pi = 0; pi * G < M; pi++) {
         const int meets = lo[pi] < k0 + nk && hi[pi] >= k0 && lo[pi] <= hi[pi];
         for (int64_t g = 0; g < G; g++) t->act[pi * G + g] = (uint8_t)meets;
         if (meets) {
-            if (pi * G < rmin) rmin = pi * G;
-            rmax = pi * G + G - 1;
+            if (pi * G < first) first = pi * G;
+            last = pi * G + G - 1;
         }
     }
-    if (rmax < 0) return;
+    *rmin = first;
+    return last;
+}
+
+/* Row-group heights of the path's Q.K^T and P.V kernels. */
+static inline int64_t tiles_qk_height(const tile_state *t)
+{
 #ifdef TILE_AMX
-    const int64_t hq = t->bf16 ? 16 : TQK_MR, hp = t->bf16 ? 16 : TPV_MR;
+    if (t->bf16) return 16;
 #elif defined(TILE_BF16)
-    const int64_t hq = t->bf16 ? 4 : TQK_MR, hp = t->bf16 ? 6 : TPV_MR;
-#else
-    const int64_t hq = TQK_MR, hp = TPV_MR;
+    if (t->bf16) return 4;
 #endif
-    const int64_t q0 = rmin / hq * hq, q1 = (rmax / hq + 1) * hq, p0 = rmin / hp * hp, p1 = (rmax / hp + 1) * hp;
-    /* S = Q.K^T */
-    if (!t->bf16) {
-        const float *K = (const float *)Kb;
-        for (int64_t j = 0; j < TBK; j += TQK_NR)
-            for (int64_t r = q0; r < q1; r += TQK_MR) tiles_qk_f32(Q + r * D, D, K + j * D, t->S + r * TBK + j);
-    }
-#ifdef TILE_BF16
-    else {
-        const int64_t Dk = tiles_dk16(D);
+    (void)t;
+    return TQK_MR;
+}
+static inline int64_t tiles_pv_height(const tile_state *t)
+{
 #ifdef TILE_AMX
-        for (int64_t r = q0; r < q1; r += 16) tiles_qk_amx(Qb + r * Dk, Dk, (const uint16_t *)Kb, t->S + r * TBK);
-#else
-        for (int64_t r = q0; r < q1; r += 4) tiles_qk_dp(Qb + r * Dk, Dk, (const uint16_t *)Kb, t->S + r * TBK);
+    if (t->bf16) return 16;
+#elif defined(TILE_BF16)
+    if (t->bf16) return 6;
 #endif
-    }
-#else
-    (void)Qb;
-#endif
-    /* mask + online softmax over every row a kernel group below touches */
-    const int64_t s0 = q0 < p0 ? q0 : p0, s1 = q1 > p1 ? q1 : p1;
+    (void)t;
+    return TPV_MR;
+}
+
+/* Mask + online softmax of rows [s0, s1) (inactive and padding rows get P = 0), then O += P.V
+ * for the row groups [p0, p1). */
+static inline void tiles_softmax_pv(tile_state *t, const void *Vb, int64_t k0, int64_t nk, const int64_t *lo,
+                                    const int64_t *hi, int64_t s0, int64_t s1, int64_t p0, int64_t p1)
+{
+    const int64_t M = t->M, G = t->G, D = t->D;
     for (int64_t r = s0; r < s1; r++) {
         if (r >= M || !t->act[r]) {
             tiles_zero_row(t, r);
@@ -476,7 +474,6 @@ static inline void tiles_block(tile_state *t, const float *Q, const uint16_t *Qb
         const int64_t a = lo[pi] > k0 ? lo[pi] - k0 : 0, b = hi[pi] < k0 + nk - 1 ? hi[pi] - k0 : nk - 1;
         tiles_softmax_row(t, r, a, b);
     }
-    /* O += P.V */
     if (!t->bf16) {
         const float *V = (const float *)Vb;
         const int64_t Dv = tiles_dv(D);
@@ -502,6 +499,52 @@ static inline void tiles_block(tile_state *t, const float *Q, const uint16_t *Qb
 #endif
     }
 #endif
+}
+
+/*
+ * One key block [k0, k0 + nk) for rows [0, M): Q (float32 [Mp][D]) or Qb (bf16 [Mp][Dk]) are
+ * this slot's rotated, scaled queries (padding rows zero); lo/hi[pi] the slot's visible key range
+ * of position pi (tensor indices, inclusive). Kb/Vb: this block's panels in the layout of the
+ * path (float32 or bf16).
+ */
+static inline void tiles_block(tile_state *t, const float *Q, const uint16_t *Qb, const void *Kb, const void *Vb,
+                               int64_t k0, int64_t nk, const int64_t *lo, const int64_t *hi)
+{
+    const int64_t D = t->D;
+    int64_t rmin;
+    const int64_t rmax = tiles_mark_rows(t, k0, nk, lo, hi, &rmin);
+    if (rmax < 0) return;
+    const int64_t hq = tiles_qk_height(t), hp = tiles_pv_height(t);
+    const int64_t q0 = rmin / hq * hq, q1 = (rmax / hq + 1) * hq, p0 = rmin / hp * hp, p1 = (rmax / hp + 1) * hp;
+    if (!t->bf16) { /* S = Q.K^T */
+        const float *K = (const float *)Kb;
+        for (int64_t j = 0; j < TBK; j += TQK_NR)
+            for (int64_t r = q0; r < q1; r += TQK_MR) tiles_qk_f32(Q + r * D, D, K + j * D, t->S + r * TBK + j);
+    }
+#ifdef TILE_BF16
+    else {
+        const int64_t Dk = tiles_dk16(D);
+#ifdef TILE_AMX
+        for (int64_t r = q0; r < q1; r += 16) tiles_qk_amx(Qb + r * Dk, Dk, (const uint16_t *)Kb, t->S + r * TBK);
+#else
+        for (int64_t r = q0; r < q1; r += 4) tiles_qk_dp(Qb + r * Dk, Dk, (const uint16_t *)Kb, t->S + r * TBK);
+#endif
+    }
+#else
+    (void)Qb;
+#endif
+    tiles_softmax_pv(t, Vb, k0, nk, lo, hi, q0 < p0 ? q0 : p0, q1 > p1 ? q1 : p1, p0, p1);
+}
+
+/* The same step for scores the caller computed into S rows [0, M) (decode rows). */
+static inline void tiles_block_scored(tile_state *t, const void *Vb, int64_t k0, int64_t nk, const int64_t *lo,
+                                      const int64_t *hi)
+{
+    int64_t rmin;
+    const int64_t rmax = tiles_mark_rows(t, k0, nk, lo, hi, &rmin);
+    if (rmax < 0) return;
+    const int64_t hp = tiles_pv_height(t), p0 = rmin / hp * hp, p1 = (rmax / hp + 1) * hp;
+    tiles_softmax_pv(t, Vb, k0, nk, lo, hi, p0, p1, p0, p1);
 }
 
 /* Row r's sum l (natural units are the caller's business). */
