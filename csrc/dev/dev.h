@@ -40,14 +40,23 @@ static inline void dev_pin(int cpu)
     if (sched_setaffinity(0, sizeof(set), &set) != 0) perror("sched_setaffinity");
 }
 
+#include <sys/mman.h>
+
+/* 64-byte aligned, zeroed; buffers of 2 MB and more are 2 MB aligned and offered to the kernel
+ * as transparent huge pages when DEV_HUGE=1 (fewer TLB misses on the key/value panels). */
 static inline void *dev_alloc(size_t bytes)
 {
-    void *p = aligned_alloc(64, (bytes + 63) / 64 * 64);
+    const int huge = bytes >= (2u << 20) && getenv("DEV_HUGE") && atoi(getenv("DEV_HUGE"));
+    const size_t al = huge ? (2u << 20) : 64;
+    void *p = aligned_alloc(al, (bytes + al - 1) / al * al);
+#ifdef MADV_HUGEPAGE
+    if (p && huge) madvise(p, (bytes + al - 1) / al * al, MADV_HUGEPAGE);
+#endif
     if (!p) {
         fprintf(stderr, "out of memory (%zu bytes)\n", bytes);
         exit(1);
     }
-    memset(p, 0, (bytes + 63) / 64 * 64);
+    memset(p, 0, (bytes + al - 1) / al * al);
     return p;
 }
 
