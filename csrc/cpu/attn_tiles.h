@@ -98,7 +98,9 @@ static inline void tiles_pack_value_f32(float *vblk, int64_t jj, const float *ro
     for (int64_t c0 = 0; c0 < Dv; c0 += TPV_DC) {
         const int64_t w = Dv - c0 < TPV_DC ? Dv - c0 : TPV_DC;
         float *dst = vblk + c0 * TBK + jj * w;
-        for (int64_t d = 0; d < w; d++) dst[d] = row && c0 + d < D ? row[c0 + d] : 0.0f;
+        const int64_t n = !row ? 0 : c0 + w <= D ? w : D - c0; /* real dims of this chunk */
+        if (n) memcpy(dst, row + c0, (size_t)n * 4);
+        if (n < w) memset(dst + n, 0, (size_t)(w - n) * 4);
     }
 }
 
