@@ -62,7 +62,7 @@ static int run_phase(lampe_attn_plan *ap, int nth, int pack, int64_t lo, int64_t
 /* Rows whose tiles read prefill panels: prompt rows when they make at least two tiles. */
 static int64_t panel_rows(const lampe_attn_params *p, int64_t b, int64_t own, int64_t bq)
 {
-    if (p->seqs[b].key_offset >= p->kv_len) return 0;
+    if (p->seqs[b].key_count == 0) return 0;
     return own >= 2 * bq ? own : 0;
 }
 
@@ -136,10 +136,24 @@ static int64_t first_own_tile_row(const lampe_attn_params *p, int64_t b)
 {
     const lampe_plan *pl = p->seqs[b].plan;
     if (!pl || pl->fallback) return p->q_len;
-    /* tensor row t has position kv_len - q_len + t - off; rows at or past the prompt length */
-    int64_t t = pl->length + p->seqs[b].key_offset - (p->kv_len - p->q_len);
+    /* tensor row t has position query_start + t: rows at or past the prompt length */
+    int64_t t = pl->length - p->seqs[b].query_start;
     if (t < 0) t = 0;
     return t < p->q_len ? t : p->q_len;
+}
+
+static int check_seq(const lampe_attn_params *p, const lampe_attn_seq *s)
+{
+    if (s->key_offset < 0 || s->key_offset > p->kv_len) return LAMPE_ERR_ARG;
+    if (s->key_count < 0 || s->key_count > p->kv_len - s->key_offset) return LAMPE_ERR_ARG;
+    if (s->query_start <= -LAMPE_MAX_POSITIONS || s->query_start > LAMPE_MAX_POSITIONS - p->q_len)
+        return LAMPE_ERR_LENGTH;
+    if (!s->plan) return LAMPE_OK;
+    if (!s->plan->mapped_ids || s->plan->length < 1) return LAMPE_ERR_ARG;
+    if (s->plan->decode != LAMPE_DECODE_SHIFTED) return LAMPE_ERR_UNSUPPORTED;
+    /* the baselines have no rows after their plan: it must cover every query row */
+    if (s->plan->mode != LAMPE_MODE_REFERENCE && s->plan->length < s->query_start + p->q_len) return LAMPE_ERR_ARG;
+    return LAMPE_OK;
 }
 
 int lampe_attention(const lampe_attn_params *p)
@@ -149,22 +163,16 @@ int lampe_attention(const lampe_attn_params *p)
     if (p->batch < 0 || p->q_len < 0 || p->kv_len < 0 || p->head_dim < 1 || p->q_heads < 1 || p->kv_heads < 1)
         return LAMPE_ERR_ARG;
     if (p->q_heads % p->kv_heads || p->q_len > p->kv_len) return LAMPE_ERR_ARG;
-    if (p->q_heads / p->kv_heads > 4096) return LAMPE_ERR_UNSUPPORTED;
+    if (p->q_heads / p->kv_heads > LAMPE_MAX_GROUP) return LAMPE_ERR_ARG;
     if (p->rotary_dim < 0 || p->rotary_dim > p->head_dim || p->rotary_dim % 2) return LAMPE_ERR_ARG;
     if (p->rotary_dim > 0 && !p->inv_freq) return LAMPE_ERR_ARG;
     if (p->layout != LAMPE_LAYOUT_HALF && p->layout != LAMPE_LAYOUT_INTERLEAVED) return LAMPE_ERR_ARG;
-    if (p->kv_len > LAMPE_MAX_LENGTH * 2) return LAMPE_ERR_LENGTH;
+    if (!(p->softcap >= 0.0f && p->softcap <= 3.4e38f)) return LAMPE_ERR_ARG; /* finite, >= 0 */
+    if (p->kv_len > LAMPE_MAX_POSITIONS) return LAMPE_ERR_LENGTH;
     if (p->rope_table_len > 0 && (!p->rope_cos || !p->rope_sin)) return LAMPE_ERR_ARG;
     for (int64_t b = 0; b < p->batch; b++) {
-        const lampe_attn_seq *s = &p->seqs[b];
-        if (s->key_offset < 0 || s->key_offset > p->kv_len) return LAMPE_ERR_ARG;
-        if (s->plan) {
-            if (!s->plan->mapped_ids || s->plan->length < 1) return LAMPE_ERR_ARG;
-            if (s->plan->decode != LAMPE_DECODE_SHIFTED) return LAMPE_ERR_UNSUPPORTED;
-            /* the baselines have no rows after their plan: it must cover every key */
-            if (s->plan->mode != LAMPE_MODE_REFERENCE && s->plan->length < p->kv_len - s->key_offset)
-                return LAMPE_ERR_ARG;
-        }
+        const int st = check_seq(p, &p->seqs[b]);
+        if (st != LAMPE_OK) return st;
     }
     if (p->batch == 0 || p->q_len == 0) return LAMPE_OK;
 

@@ -99,7 +99,7 @@ static void put(lampe_region *out, int *n, int kind, int mapped, int64_t lo, int
 int lampe_plan_regions(const lampe_plan *pl, int64_t i, lampe_region *out, int *count)
 {
     if (!pl || !out || !count || i < 0) return LAMPE_ERR_ARG;
-    if (i >= LAMPE_MAX_LENGTH * 2) return LAMPE_ERR_LENGTH;
+    if (i >= LAMPE_MAX_POSITIONS) return LAMPE_ERR_LENGTH;
     *count = 0;
     const int64_t L = pl->length, H = pl->window, R = pl->sink_size;
     const int64_t b1 = pl->bias_map, b2 = pl->bias_sink;

@@ -181,7 +181,7 @@ static void attn_pack(const lampe_attn_plan *ap, int64_t item, float *scratch)
     const char *kbase = (const char *)p->k;
     for (int64_t jj = 0; jj < BK; jj++) {
         const int64_t j = k0 + jj, jl = j - off;
-        const int visible = j < k1 && jl >= 0 && (kind == 0 || jl < plan->length);
+        const int visible = j < k1 && jl >= 0 && jl < p->seqs[b].key_count && (kind == 0 || jl < plan->length);
         if (!visible) {
             for (int64_t d = 0; d < D; d++) panel[d * LDK + jj] = 0.0f;
             continue;
@@ -249,6 +249,13 @@ static inline void dot_rows(const float *Q, int64_t G, const float *k, int64_t D
     }
 }
 
+/* S[j] = c2 * tanh(S[j] / c2) for n lanes (a multiple of VW). */
+static inline void softcap_row(float *S, int64_t n, float c2)
+{
+    const vf inv = v_set1(1.0f / c2), c = v_set1(c2);
+    for (int64_t j = 0; j < n; j += VW) v_store(S + j, v_mul(v_tanh(v_mul(v_load(S + j), inv)), c));
+}
+
 typedef struct slot_rows {
     int present, mapped;
     int64_t shift, lo_min, hi_max;
@@ -270,6 +277,9 @@ static void attn_item(const lampe_attn_plan *ap, int64_t item, float *scratch)
     /* Amplitude s on queries and keys = s^2 on the query alone (rotated dims only). */
     const float qamp = plan ? p->amplitude * p->amplitude : 1.0f;
     const float qscale = p->scale * LOG2E;
+    /* soft-capping in log2 units: log2e * c * tanh(x / c) = c2 * tanh(S / c2) with c2 = c * log2e */
+    const int capped = p->softcap > 0.0f;
+    const float cap2 = p->softcap * LOG2E;
 
     float *Qs = scratch;            /* [3][Mp][D] rotated, scaled queries per slot */
     const int64_t ldv = ap->ldv;    /* padded row strides: no power-of-two cache-set aliasing */
@@ -293,8 +303,9 @@ static void attn_item(const lampe_attn_plan *ap, int64_t item, float *scratch)
             slots[s].hi[pi] = 0;
         }
     }
+    const int64_t last_key = seq->key_count - 1; /* own position of the last valid key */
     for (int64_t pi = 0; pi < npos; pi++) {
-        const int64_t pos = p->kv_len - p->q_len + t0 + pi - off;
+        const int64_t pos = seq->query_start + t0 + pi;
         if (pos < 0) continue; /* a padded query: no valid key, output zeros */
         lampe_region regs[LAMPE_MAX_REGIONS];
         int n = 0;
@@ -305,13 +316,15 @@ static void attn_item(const lampe_attn_plan *ap, int64_t item, float *scratch)
             n = 1;
         }
         for (int r = 0; r < n; r++) {
+            const int64_t hi = regs[r].key_hi < last_key ? regs[r].key_hi : last_key;
+            if (regs[r].key_lo > hi) continue; /* only keys past the valid ones */
             const int s = regs[r].kind == LAMPE_REGION_FULL ? 0 : regs[r].kind;
             slot_rows *sr = &slots[s];
             sr->present = 1;
             sr->mapped = regs[r].mapped;
             sr->shift = regs[r].shift; /* uniform in a tile: the driver gives later rows tiles of one */
             sr->lo[pi] = regs[r].key_lo + off;
-            sr->hi[pi] = regs[r].key_hi + off;
+            sr->hi[pi] = hi + off;
             sr->qpos[pi] = regs[r].qpos;
             if (sr->lo[pi] < sr->lo_min) sr->lo_min = sr->lo[pi];
             if (sr->hi[pi] > sr->hi_max) sr->hi_max = sr->hi[pi];
@@ -465,6 +478,7 @@ static void attn_item(const lampe_attn_plan *ap, int64_t item, float *scratch)
                 const int64_t hi = sr->hi[pi] < k1 - 1 ? sr->hi[pi] - k0 : nk - 1;
                 if (lo > hi) continue;
                 float *Sr = S + r * BK;
+                if (capped) softcap_row(Sr, nkp, cap2);
                 for (int64_t jj = 0; jj < lo; jj++) Sr[jj] = -INFINITY;
                 for (int64_t jj = hi + 1; jj < nkp; jj++) Sr[jj] = -INFINITY;
                 vf vm = v_set1(-INFINITY);

@@ -19,6 +19,9 @@ extern "C" {
 
 /* Longest supported prompt: the float32 mapping recipe (§1.1) is exact only up to 2^24. */
 #define LAMPE_MAX_LENGTH ((int64_t)1 << 24)
+/* Positions any query or key may have (and keys a call may hold): a prompt of up to 2^24 tokens
+ * plus as many tokens after it. */
+#define LAMPE_MAX_POSITIONS ((int64_t)1 << 25)
 
 typedef enum {
     LAMPE_OK = 0,
@@ -174,14 +177,31 @@ int lampe_rope(const lampe_rope_params *p);
 /* ------------------------------------------------------------------ multi-grained attention */
 
 /*
- * Per batch row: where its valid keys start (left padding), how long its prompt is (in the
- * row's own positions) and its plan. plan == NULL means plain causal attention with true
- * positions and amplitude 1 (config=None).
+ * Per batch row b. Keys have tensor indices 0..kv_len-1; the row's own positions count from its
+ * first valid key: key tensor index j has own position j - key_offset.
+ *   key_offset   first valid key (the number of left pads);
+ *   key_count    valid keys from there: keys at tensor index >= key_offset + key_count (right
+ *                padding, the unused tail of a static cache) are never attended;
+ *   query_start  own position of query row t = 0; row t has position query_start + t and attends
+ *                the valid keys whose own position is <= its position (restricted further by the
+ *                plan's regions). A row whose position is < 0, or that sees no valid key, outputs
+ *                zeros and lse = -inf;
+ *   plan         the row's LaMPE plan, or NULL for plain causal attention with true positions and
+ *                amplitude 1 (config=None). A SelfExtend or ReRoPE plan must cover every query
+ *                row: plan->length >= query_start + q_len.
+ * What callers pass when they have no reason to differ (and what lampe.attention fills in):
+ * key_count = kv_len - key_offset, query_start = kv_len - q_len - key_offset (queries are the
+ * last q_len positions).
  */
 typedef struct lampe_attn_seq {
-    int64_t key_offset;    /* number of left pads                                     */
+    int64_t key_offset;
+    int64_t key_count;
+    int64_t query_start;
     const lampe_plan *plan;
 } lampe_attn_seq;
+
+/* Most query heads per key/value head (G = q_heads / kv_heads) one work item holds. */
+#define LAMPE_MAX_GROUP 4096
 
 typedef struct lampe_attn_params {
     const void *q, *k, *v; /* q [B, Hq, Lq, Dh]; k, v [B, Hkv, Lk, Dh]; rows contiguous */
@@ -200,8 +220,11 @@ typedef struct lampe_attn_params {
      * would otherwise dominate decode steps. */
     const float *rope_cos, *rope_sin;
     int64_t rope_table_len;
-    float amplitude; /* temperature s for LaMPE rows; ignored when seqs[b].plan == NULL */
-    float scale;     /* softmax scale, e.g. 1/sqrt(Dh)                                 */
+    float amplitude; /* temperature s for LaMPE rows; ignored when seqs[b].plan == NULL        */
+    float scale;     /* softmax scale, e.g. 1/sqrt(Dh)                                         */
+    /* Logit soft-capping (Gemma 2), 0 = none: every logit x = scale * <q, k> (after rotation and
+     * the amplitude) becomes softcap * tanh(x / softcap) before the softmax, in every row. */
+    float softcap;
     int32_t num_threads;
 } lampe_attn_params;
 
