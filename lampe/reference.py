@@ -45,7 +45,9 @@ def attention(q, k, v, config, inv_freq, *, prompt_length=None, key_padding_mask
     its plan's regions. ``softcap`` turns every logit x into softcap * tanh(x / softcap).
     ``config=None`` is ordinary causal RoPE attention (amplitude 1). Returns out [B, Hq, Lq, D]
     float64 (and lse [B, Hq, Lq], natural log, when ``return_lse``). A row without valid keys
-    gives zeros and lse = -inf."""
+    gives zeros and lse = -inf. A row that attends a NaN or +-inf element (its own query, or the
+    key or value of a key it attends) gives NaN in every component and lse = NaN; elements of
+    keys it does not attend (padding, slots past the valid keys, the future) never affect it."""
     q = as_float64(q, "q")
     k = as_float64(k, "k")
     v = as_float64(v, "v")
@@ -79,6 +81,8 @@ def attention(q, k, v, config, inv_freq, *, prompt_length=None, key_padding_mask
             continue
         pl = plans[b]
         rot_cache = {}
+        # NaN policy: a row that attends a NaN or inf element of q, k or v outputs NaN (lse NaN)
+        key_bad = ~(np.isfinite(kb).all(axis=-1) & np.isfinite(vb).all(axis=-1))  # [Hkv, n]
 
         def rotated_keys(mapped, shift):
             # Keys rotated once per key-position rule, then sliced per row.
@@ -103,22 +107,28 @@ def attention(q, k, v, config, inv_freq, *, prompt_length=None, key_padding_mask
             else:
                 regions = [(r.name, r.key_lo, r.key_hi, r.qpos, r.mapped, r.shift) for r in pl.regions(pos)]
             logits, values = [], []
-            for _, lo, hi, qpos, mapped, shift in regions:
-                hi = min(hi, n - 1)  # keys past the valid ones are never attended
-                if lo > hi:
+            attended = np.zeros(n, dtype=bool)
+            with np.errstate(invalid="ignore", over="ignore"):
+                for _, lo, hi, qpos, mapped, shift in regions:
+                    hi = min(hi, n - 1)  # keys past the valid ones are never attended
+                    if lo > hi:
+                        continue
+                    attended[lo:hi + 1] = True
+                    kr = rotated_keys(mapped, shift)[:, lo:hi + 1]           # [Hkv, n_r, D]
+                    qr = rotate(q[b, :, t][:, None, :], [qpos], freq, rd, layout, amp)[:, 0]  # [Hq, D]
+                    x = np.einsum("hd,hnd->hn", qr, kr[heads]) * scale
+                    logits.append(cap * np.tanh(x / cap) if cap else x)
+                    values.append(vb[heads][:, lo:hi + 1])
+                if not logits:
                     continue
-                kr = rotated_keys(mapped, shift)[:, lo:hi + 1]           # [Hkv, n_r, D]
-                qr = rotate(q[b, :, t][:, None, :], [qpos], freq, rd, layout, amp)[:, 0]  # [Hq, D]
-                x = np.einsum("hd,hnd->hn", qr, kr[heads]) * scale
-                logits.append(cap * np.tanh(x / cap) if cap else x)
-                values.append(vb[heads][:, lo:hi + 1])
-            if not logits:
-                continue
-            s = np.concatenate(logits, axis=1)
-            vals = np.concatenate(values, axis=1)
-            mx = s.max(axis=1, keepdims=True)
-            p = np.exp(s - mx)
-            tot = p.sum(axis=1, keepdims=True)
-            out[b, :, t] = np.einsum("hn,hnd->hd", p / tot, vals)
-            lse[b, :, t] = (mx + np.log(tot))[:, 0]
+                s = np.concatenate(logits, axis=1)
+                vals = np.concatenate(values, axis=1)
+                mx = s.max(axis=1, keepdims=True)
+                p = np.exp(s - mx)
+                tot = p.sum(axis=1, keepdims=True)
+                out[b, :, t] = np.einsum("hn,hnd->hd", p / tot, vals)
+                lse[b, :, t] = (mx + np.log(tot))[:, 0]
+            bad = ~np.isfinite(q[b, :, t]).all(axis=-1) | key_bad[heads][:, attended].any(axis=-1)  # [Hq]
+            out[b, bad, t] = np.nan
+            lse[b, bad, t] = np.nan
     return (out, lse) if return_lse else out

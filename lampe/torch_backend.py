@@ -66,6 +66,13 @@ def attention(q, k, v, *, config: Optional[LampeConfig], inv_freq, prompt_length
             continue
         qs = int(rows.query_start[b])
         kb, vb = kf[b, :, o:o + n][heads], vf[b, :, o:o + n][heads]  # [Hq, n, D]: the valid keys
+        # NaN policy (as the reference): a row attending a NaN/inf element outputs NaN; zeros stand
+        # in for such elements so that they never reach other rows through 0 * NaN
+        key_bad = ~(torch.isfinite(kb).all(-1) & torch.isfinite(vb).all(-1))  # [Hq, n]
+        kb, vb = (torch.where(torch.isfinite(x), x, torch.zeros((), device=dev)) for x in (kb, vb))
+        qb = qf[b]
+        q_bad = ~torch.isfinite(qb).all(-1)  # [Hq, Lq]
+        qb = torch.where(torch.isfinite(qb), qb, torch.zeros((), device=dev))
         pl = plans[b]
         keypos = torch.arange(n, device=dev)
         rot = {}
@@ -102,6 +109,7 @@ def attention(q, k, v, *, config: Optional[LampeConfig], inv_freq, prompt_length
             regs = [pl.regions(p) if pl is not None else None for p in pos]
             names = ["full"] if pl is None else ["local", "map", "sink", "full"]
             parts = []
+            attended = torch.zeros(len(grp), n, dtype=torch.bool, device=dev)
             for name in names:
                 spec = []
                 for i, p in enumerate(pos):
@@ -117,20 +125,23 @@ def attention(q, k, v, *, config: Optional[LampeConfig], inv_freq, prompt_length
                 hi = torch.tensor([x[1] if x else 0 for x in spec], device=dev)
                 qp = torch.tensor([x[2] if x else 0 for x in spec], device=dev)
                 kr = keys(*rule)                                        # [Hq, n, D]
-                qr = torch.stack([_rotate(qf[b, :, t][:, None, :], qp[i:i + 1], f, rd, layout, amp)[:, 0]
+                qr = torch.stack([_rotate(qb[:, t][:, None, :], qp[i:i + 1], f, rd, layout, amp)[:, 0]
                                   for i, t in enumerate(grp)], dim=1)   # [Hq, rows, D]
                 s = torch.einsum("hrd,hnd->hrn", qr, kr) * scale
                 if cap:
                     s = cap * torch.tanh(s / cap)
                 # keypos covers the valid keys only, so hi is clamped to them here
                 inside = (keypos[None, :] >= lo[:, None]) & (keypos[None, :] <= hi[:, None])
+                attended |= inside
                 parts.append((s.masked_fill(~inside[None], -math.inf), vb))
             s_all = torch.cat([p[0] for p in parts], dim=-1)
             v_all = torch.cat([p[1] for p in parts], dim=1)
             m = s_all.amax(dim=-1, keepdim=True)
             w = torch.exp(s_all - m)
             tot = w.sum(dim=-1, keepdim=True)
-            out[b, :, ts] = torch.einsum("hrn,hnd->hrd", w / tot, v_all)
-            lse[b, :, ts] = (m + torch.log(tot))[..., 0]
+            bad = q_bad[:, ts] | (attended[None] & key_bad[:, None, :]).any(-1)  # [Hq, rows]
+            nan = torch.full((), math.nan, device=dev)
+            out[b, :, ts] = torch.where(bad[..., None], nan, torch.einsum("hrn,hnd->hrd", w / tot, v_all))
+            lse[b, :, ts] = torch.where(bad, nan, (m + torch.log(tot))[..., 0])
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out

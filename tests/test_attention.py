@@ -331,3 +331,129 @@ def test_baseline_policies_kernel(isa, rng, cfg):
     with pytest.raises(ValueError, match="prompt_length"):
         lampe.attention(*make(rng, 1, 2, 1, 3, 30, 64, "float32")[:3], config=cfg, inv_freq=inv_freq(64),
                         prompt_length=20)  # baselines have no rows after their plan
+
+
+# ---------------------------------------------------------------- NaN / inf (issue 12 part 2)
+
+# Each scenario reaches a different key-block loader of the kernel: short prompts pack keys per
+# tile, long prompts read prefill panels, rows after the prompt read keys directly (with split-KV
+# when there are few of them), plain rows have no mapped keys.
+NONFINITE = {
+    "pack": dict(B=1, Hq=2, Hkv=1, Lq=20, Lk=20, D=16, cfg=C(window=4, sink=1, mapping_length=6), kw={}),
+    "panels": dict(B=1, Hq=2, Hkv=2, Lq=200, Lk=200, D=32, cfg=C(window=16, sink=4, mapping_length=40), kw={}),
+    "direct_split": dict(B=1, Hq=4, Hkv=1, Lq=1, Lk=700, D=32, cfg=C(window=32, sink=4, mapping_length=90),
+                         kw={"prompt_length": 650, "num_threads": 2}),
+    "plain_decode": dict(B=1, Hq=4, Hkv=2, Lq=2, Lk=300, D=16, cfg=None, kw={"num_threads": 2}),
+}
+
+
+def nonfinite_case(rng, name, dtype, where, value):
+    c = NONFINITE[name]
+    q, k, v, as64 = make(rng, c["B"], c["Hq"], c["Hkv"], c["Lq"], c["Lk"], c["D"], dtype)
+    x = {"q": q, "k": k, "v": v}[where]
+    idx = tuple(int(rng.integers(n)) for n in x.shape)
+    x[idx] = value
+    return c, q, k, v, as64, idx
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("name", sorted(NONFINITE))
+def test_nonfinite_attended_makes_the_row_nan(isa, rng, name, where, value):
+    """Rows that attend a NaN or inf element output NaN (and lse NaN), as the reference says;
+    every other row is unaffected."""
+    for dtype in ("float32", "bfloat16"):
+        c, q, k, v, as64, idx = nonfinite_case(rng, name, dtype, where, value)
+        f = inv_freq(c["D"])
+        out, lse = lampe.attention(q, k, v, config=c["cfg"], inv_freq=f, return_lse=True, **c["kw"])
+        rkw = {n: x for n, x in c["kw"].items() if n != "num_threads"}
+        ref, rlse = lampe.reference.attention(as64(q), as64(k), as64(v), c["cfg"], f, return_lse=True, **rkw)
+        o, lse = as64(out), np.asarray(lse)
+        bad = np.isnan(ref).all(axis=-1)
+        assert bad.any(), "the element must be attended by some row"
+        assert np.array_equal(np.isnan(ref).any(axis=-1), bad)  # the reference's rows are all-NaN or finite
+        assert np.array_equal(np.isnan(o).all(axis=-1), bad), f"{dtype}: NaN rows differ at {idx}"
+        assert np.array_equal(np.isnan(lse), bad)
+        assert np.all(np.isfinite(o[~bad]))
+        err = np.abs(o[~bad] - ref[~bad]).max(initial=0) / np.abs(ref[~bad]).max(initial=1)
+        assert err < TOL[dtype]
+
+
+@pytest.mark.parametrize("name", ["pack", "panels", "direct_split"])
+def test_nonfinite_keys_not_attended_never_matter(isa, rng, name):
+    """NaN in left pads, in trailing never-attended slots and in future keys leaves every row as
+    it is without them."""
+    c = NONFINITE[name]
+    pads = (3, 5)
+    Lk = c["Lk"] + sum(pads)
+    q, k, v, _ = make(rng, 1, c["Hq"], c["Hkv"], c["Lq"], c["Lk"], c["D"], "float32")
+    kw = dict(c["kw"])
+    f = inv_freq(c["D"])
+    clean = lampe.attention(q, k, v, config=c["cfg"], inv_freq=f, **kw)
+    grow = lambda x: np.concatenate([np.full(x.shape[:2] + (pads[0], x.shape[3]), np.nan, np.float32), x,
+                                     np.full(x.shape[:2] + (pads[1], x.shape[3]), np.inf, np.float32)], axis=2)
+    kp, vp = grow(k), grow(v)
+    kw["key_padding_mask"] = padding_mask(Lk, [pads])
+    kw["query_start"] = c["Lk"] - c["Lq"]
+    if "prompt_length" in kw:
+        kw["prompt_length"] += pads[0]
+    out = lampe.attention(q, kp, vp, config=c["cfg"], inv_freq=f, **kw)
+    np.testing.assert_allclose(out, clean, rtol=0, atol=3e-6)
+    # a future key: NaN in the last key and value changes only the last query row
+    if c["Lq"] > 1:
+        kf, vf = k.copy(), v.copy()
+        kf[:, :, -1] = np.nan
+        vf[:, :, -1] = np.nan
+        out = lampe.attention(q, kf, vf, config=c["cfg"], inv_freq=f, **c["kw"])
+        np.testing.assert_allclose(out[:, :, :-1], clean[:, :, :-1], rtol=0, atol=3e-6)
+        assert np.isnan(out[:, :, -1]).all()
+
+
+def test_issue_nan_example(isa):
+    """The issue's setup: f, q, k, v random [1, 1, 4, 16] float32, a NaN in q or k."""
+    rng = np.random.default_rng(0)
+    f = (1 / 10000 ** (np.arange(0, 16, 2) / 16)).astype(np.float32)
+    for where in ("q", "k"):
+        q, k, v = (rng.standard_normal((1, 1, 4, 16)).astype(np.float32) for _ in range(3))
+        {"q": q, "k": k}[where][0, 0, 1, 3] = np.nan
+        out = lampe.attention(q, k, v, config=None, inv_freq=f)
+        ref = lampe.reference.attention(q, k, v, None, f)
+        assert np.array_equal(np.isnan(out), np.isnan(ref)) and np.isnan(out[0, 0, 1]).all()
+
+
+def test_scale_overflow_raises_or_matches(isa, rng):
+    """scale=1e38 overflows float32 logits: the kernel raises a ValueError naming scale (it used
+    to return all-zero rows where the float64 reference is finite)."""
+    q, k, v = (rng.standard_normal((1, 1, 4, 16)).astype(np.float32) for _ in range(3))
+    f = inv_freq(16)
+    ref = lampe.reference.attention(q, k, v, None, f, scale=1e38)
+    assert np.all(np.isfinite(ref))
+    with pytest.raises(ValueError, match="scale"):
+        lampe.attention(q, k, v, config=None, inv_freq=f, scale=1e38)
+    with pytest.raises(ValueError, match="scale"):
+        lampe.attention(q, k, v, config=None, inv_freq=f, scale=-1e38)
+    for name in ("panels", "direct_split"):  # the other key-block loaders
+        c = NONFINITE[name]
+        q2, k2, v2, _ = make(rng, c["B"], c["Hq"], c["Hkv"], c["Lq"], c["Lk"], c["D"], "float32")
+        with pytest.raises(ValueError, match="scale"):
+            lampe.attention(q2, k2, v2, config=c["cfg"], inv_freq=inv_freq(c["D"]), scale=1e38, **c["kw"])
+    # large but representable logits are fine and match the reference
+    out = lampe.attention(q, k, v, config=None, inv_freq=f, scale=1e3)
+    np.testing.assert_allclose(out, lampe.reference.attention(q, k, v, None, f, scale=1e3), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("name", ["pack", "plain_decode"])
+def test_nonfinite_torch_backend_agrees(rng, name, where):
+    torch = pytest.importorskip("torch")
+    from lampe import torch_backend
+    c, q, k, v, as64, idx = nonfinite_case(rng, name, "float32", where, np.inf)
+    f = inv_freq(c["D"])
+    rkw = {n: x for n, x in c["kw"].items() if n != "num_threads"}
+    ref, rlse = lampe.reference.attention(q, k, v, c["cfg"], f, return_lse=True, **rkw)
+    got, lse = torch_backend.attention(*(torch.from_numpy(x) for x in (q, k, v)), config=c["cfg"], inv_freq=f,
+                                       return_lse=True, **rkw)
+    got, lse = got.numpy(), lse.numpy()
+    bad = np.isnan(ref).all(axis=-1)
+    assert bad.any() and np.array_equal(np.isnan(got).all(axis=-1), bad) and np.array_equal(np.isnan(lse), bad)
+    np.testing.assert_allclose(got[~bad], ref[~bad], rtol=0, atol=2e-5)

@@ -29,7 +29,7 @@ static void attn_task(void *ctx, int tid, int nth)
         const int64_t item = ph->lo + atomic_fetch_add(&ph->next, 1);
         if (item >= ph->hi) break;
         if (!scratch) {
-            scratch = (float *)aligned_alloc(64, ((size_t)ap->scratch_floats * 4 + 63) / 64 * 64);
+            scratch = (float *)aligned_alloc(64, ap->scratch_bytes);
             if (!scratch) {
                 atomic_store(&ph->failed, 1);
                 atomic_store(&ph->next, ph->hi - ph->lo + (1LL << 40)); /* stop everyone */
@@ -102,13 +102,19 @@ static void merge_task(void *ctx, int tid, int nth)
         const int64_t M = (tile->t1 - tile->t0) * G;
         for (int64_t r = 0; r < M; r++) {
             float m = -INFINITY;
+            int poisoned = 0;
             for (int64_t c = 0; c < C; c++) {
                 const float *ml = ap->part_ml + ((ti * C + c) * ap->max_rows + r) * 2;
+                poisoned |= isnan(ml[0]);
                 if (ml[1] > 0.0f && ml[0] > m) m = ml[0];
             }
             float l = 0.0f;
             memset(acc, 0, (size_t)D * 4);
-            if (m != -INFINITY) {
+            if (poisoned) { /* the row attends a NaN or inf input */
+                for (int64_t d = 0; d < D; d++) acc[d] = NAN;
+                m = NAN;
+                l = 1.0f;
+            } else if (m != -INFINITY) {
                 for (int64_t c = 0; c < C; c++) {
                     const float *ml = ap->part_ml + ((ti * C + c) * ap->max_rows + r) * 2;
                     if (!(ml[1] > 0.0f)) continue;
@@ -119,7 +125,7 @@ static void merge_task(void *ctx, int tid, int nth)
                 }
             }
             const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-            for (int64_t d = 0; d < D; d++) acc[d] *= inv;
+            for (int64_t d = 0; d < D; d++) acc[d] *= inv; /* NaN stays NaN */
             const int64_t h = tile->kvh * G + r % G, t = tile->t0 + r / G;
             store_row(p, tile->b, h, t, acc);
             if (p->lse)
@@ -232,10 +238,13 @@ int lampe_attention(const lampe_attn_params *p)
         int64_t c = (2 * nth + n_tiles - 1) / n_tiles;
         ap.nchunks = (int32_t)(c > 16 ? 16 : c);
     }
-    const int64_t D = p->head_dim, Mp = ap.max_rows + LAMPE_ATTN_ROW_PAD;
+    const int64_t D = p->head_dim;
     ap.ldv = (D + 15) / 16 * 16 + 16;
-    /* Qs[3], Kp, Vb, S, O, m, l, cos, sin, row, active, Qd: see attn_item */
-    ap.scratch_floats = 3 * Mp * D + D * LAMPE_ATTN_LDK + LAMPE_ATTN_BK * ap.ldv + Mp * LAMPE_ATTN_BK + 2 * Mp * D + 3 * Mp + 3 * D + 16;
+    lampe_attn_scratch layout;
+    ap.scratch_bytes = lampe_attn_scratch_carve(&layout, NULL, ap.max_rows + LAMPE_ATTN_ROW_PAD, D, ap.ldv);
+    atomic_int overflow;
+    atomic_init(&overflow, 0);
+    ap.overflow = &overflow;
     int rc = LAMPE_OK;
     if (ap.nchunks > 1) {
         const size_t items = (size_t)(n_tiles * ap.nchunks);
@@ -248,7 +257,9 @@ int lampe_attention(const lampe_attn_params *p)
         ap.panel_id = (float *)malloc(panel * 4);
         ap.panel_map = (float *)malloc(panel * 4);
         ap.vconv = (float *)malloc((size_t)(p->kv_heads * p->kv_len * ap.ldv) * 4);
-        if (!ap.panel_id || !ap.panel_map || !ap.vconv) rc = LAMPE_ERR_NOMEM;
+        ap.key_bad = (uint8_t *)malloc((size_t)(p->kv_heads * p->kv_len));
+        ap.block_bad = (uint8_t *)malloc((size_t)(p->kv_heads * ap.nblk));
+        if (!ap.panel_id || !ap.panel_map || !ap.vconv || !ap.key_bad || !ap.block_bad) rc = LAMPE_ERR_NOMEM;
     }
     const int64_t C = ap.nchunks, per_kind = p->kv_heads * ap.nblk;
     int64_t start = 0;
@@ -270,7 +281,10 @@ int lampe_attention(const lampe_attn_params *p)
         atomic_init(&job.next, 0);
         lampe_parallel_run(nth, merge_task, &job);
     }
+    if (rc == LAMPE_OK && atomic_load(&overflow)) rc = LAMPE_ERR_OVERFLOW;
     free(group_end);
+    free(ap.key_bad);
+    free(ap.block_bad);
     free(ap.panel_id);
     free(ap.panel_map);
     free(ap.vconv);

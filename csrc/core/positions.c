@@ -18,6 +18,7 @@ const char *lampe_status_string(int status)
     case LAMPE_ERR_DECODE_RANGE: return "decode='reference' is defined only for the first `window` steps after the prompt";
     case LAMPE_ERR_NOMEM: return "out of memory";
     case LAMPE_ERR_UNSUPPORTED: return "not supported on this CPU or build";
+    case LAMPE_ERR_OVERFLOW: return "scale: a logit overflows float32 (scale * <q, k> beyond 3.4e38)";
     default: return "unknown error";
     }
 }

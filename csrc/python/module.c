@@ -594,6 +594,11 @@ static PyObject *py_attention(PyObject *self, PyObject *args, PyObject *kw)
     Py_BEGIN_ALLOW_THREADS
     st = lampe_attention(&p);
     Py_END_ALLOW_THREADS
+    if (st == LAMPE_ERR_OVERFLOW) {
+        PyErr_Format(PyExc_ValueError, "scale: a logit overflows float32 with scale=%g (scale * <q, k> is beyond "
+                     "3.4e38 for some finite q, k); use a smaller scale", scale);
+        goto done;
+    }
     if (st) {
         raise_status(st, "attention");
         goto done;

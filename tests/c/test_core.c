@@ -313,6 +313,52 @@ static void test_attention_contract_layout(void)
     lampe_set_isa((lampe_isa)(31 - __builtin_clz(mask)));
 }
 
+/* NaN policy and overflow on every ISA: a NaN key poisons exactly the rows that attend it (prompt
+ * rows through packed or panel keys, a decode row through directly read keys); a huge scale is
+ * reported as LAMPE_ERR_OVERFLOW. */
+static void test_attention_nonfinite(void)
+{
+    enum { L = 300, D = 16, BAD = 150 };
+    static float q[L * D], k[L * D], v[L * D], o[L * D], lse[L];
+    float inv[D / 2];
+    for (int i = 0; i < L * D; i++) q[i] = (float)urand(), k[i] = (float)urand(), v[i] = (float)urand();
+    for (int i = 0; i < D / 2; i++) inv[i] = (float)pow(10000.0, -2.0 * i / D);
+    k[BAD * D + 3] = NAN;
+    int64_t m[L];
+    lampe_plan plan;
+    CHECK(lampe_plan_make(&plan, 290, 16, 4, 40, 0, 0, m) == LAMPE_OK, "plan");
+    const uint32_t mask = lampe_isa_available_mask();
+    for (int isa = 0; isa < LAMPE_ISA_COUNT; isa++) {
+        if (!(mask & (1u << isa))) continue;
+        lampe_set_isa((lampe_isa)isa);
+        for (int lq = 1; lq <= L; lq += L - 1) { /* one decode row; every row (panels) */
+            lampe_attn_seq seq = {0, L, L - lq, &plan};
+            lampe_attn_params p;
+            memset(&p, 0, sizeof p);
+            p.q = q + (L - lq) * D; p.k = k; p.v = v; p.out = o; p.lse = lse; p.dtype = LAMPE_F32;
+            p.batch = 1; p.q_heads = 1; p.kv_heads = 1; p.q_len = lq; p.kv_len = L; p.head_dim = D;
+            int64_t qs[3] = {L * D, L * D, D}, ls[3] = {L, L, 1};
+            memcpy(p.q_stride, qs, sizeof qs); memcpy(p.out_stride, qs, sizeof qs);
+            memcpy(p.k_stride, qs, sizeof qs); memcpy(p.v_stride, qs, sizeof qs); memcpy(p.lse_stride, ls, sizeof ls);
+            p.seqs = &seq; p.inv_freq = inv; p.rotary_dim = D; p.amplitude = 1.0f; p.scale = 0.25f; p.num_threads = 2;
+            CHECK(lampe_attention(&p) == LAMPE_OK, "attention");
+            for (int t = 0; t < lq; t++) {
+                const int pos = L - lq + t, attends = pos >= BAD; /* LaMPE rows cover every key <= pos */
+                int nan_all = 1, finite_all = 1;
+                for (int d = 0; d < D; d++) nan_all &= isnan(o[t * D + d]), finite_all &= isfinite(o[t * D + d]);
+                CHECK(attends ? nan_all && isnan(lse[t]) : finite_all && isfinite(lse[t]), "isa %s row %d",
+                      lampe_isa_name((lampe_isa)isa), pos);
+            }
+            k[BAD * D + 3] = 0.5f;
+            p.scale = 3e38f;
+            CHECK(lampe_attention(&p) == LAMPE_ERR_OVERFLOW, "isa %s: overflow with %d rows",
+                  lampe_isa_name((lampe_isa)isa), lq);
+            k[BAD * D + 3] = NAN;
+        }
+    }
+    lampe_set_isa((lampe_isa)(31 - __builtin_clz(mask)));
+}
+
 static void sum_task(void *ctx, int tid, int nth)
 {
     long *slots = ctx;
@@ -361,6 +407,7 @@ int main(void)
     test_rope_all_isas();
     test_attention_vs_naive();
     test_attention_contract_layout();
+    test_attention_nonfinite();
     if (failures) {
         fprintf(stderr, "%d C check(s) failed\n", failures);
         return 1;

@@ -30,7 +30,8 @@ typedef enum {
     LAMPE_ERR_LENGTH = 3,       /* a length above LAMPE_MAX_LENGTH                       */
     LAMPE_ERR_DECODE_RANGE = 4, /* decode="reference" asked for a step D > H             */
     LAMPE_ERR_NOMEM = 5,
-    LAMPE_ERR_UNSUPPORTED = 6   /* e.g. an ISA this CPU or build does not have           */
+    LAMPE_ERR_UNSUPPORTED = 6,  /* e.g. an ISA this CPU or build does not have           */
+    LAMPE_ERR_OVERFLOW = 7      /* a logit of finite inputs overflows float32 (the scale) */
 } lampe_status;
 
 const char *lampe_status_string(int status);
@@ -228,6 +229,12 @@ typedef struct lampe_attn_params {
     int32_t num_threads;
 } lampe_attn_params;
 
+/*
+ * NaN policy: a row that attends a NaN or +-inf element (its query row, or the key or value row
+ * of a key in its regions) outputs NaN in every component and lse = NaN, on every ISA; elements
+ * of keys a row does not attend never affect it. Finite inputs whose logit overflows float32
+ * (scale * <q, k> beyond 3.4e38) make the call return LAMPE_ERR_OVERFLOW.
+ */
 int lampe_attention(const lampe_attn_params *p);
 
 #ifdef __cplusplus
