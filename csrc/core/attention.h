@@ -16,7 +16,7 @@ typedef struct lampe_attn_tile {
     int64_t panel;          /* 1: prompt rows reading the prefill panels of batch row b  */
 } lampe_attn_tile;
 
-typedef struct lampe_attn_plan {
+typedef struct lampe_attn_work {
     const lampe_attn_params *p;
     int64_t group;      /* Hq / Hkv                                   */
     int64_t max_rows;   /* group * max positions per tile             */
@@ -37,7 +37,7 @@ typedef struct lampe_attn_plan {
     uint8_t *key_bad, *block_bad;
     atomic_int *overflow; /* set when a logit of finite inputs overflows float32 */
     const lampe_kernels *kern;
-} lampe_attn_plan;
+} lampe_attn_work;
 
 /*
  * Per-thread scratch of one attention work item. The driver sizes it and each work item lays it

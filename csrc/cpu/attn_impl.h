@@ -199,27 +199,27 @@ static inline int pack_key(const lampe_attn_params *p, const char *src, int64_t 
 }
 
 /*
- * Prefill panels of batch row ap->panel_b: item = (kind, kv head, block), kind 0 keys at their
+ * Prefill panels of batch row work->panel_b: item = (kind, kv head, block), kind 0 keys at their
  * true positions, 1 keys at mapped positions m[j] (prompt rows), 2 values converted to float32.
  * Keys no prompt row can see in that rotation are zeros.
  */
-static void attn_pack(const lampe_attn_plan *ap, int64_t item, float *scratch)
+static void attn_pack(const lampe_attn_work *work, int64_t item, float *scratch)
 {
-    const lampe_attn_params *p = ap->p;
-    const int64_t D = p->head_dim, nb = ap->nblk;
+    const lampe_attn_params *p = work->p;
+    const int64_t D = p->head_dim, nb = work->nblk;
     const int64_t kind = item / (p->kv_heads * nb), rest = item % (p->kv_heads * nb);
-    const int64_t kvh = rest / nb, blk = rest % nb, b = ap->panel_b;
+    const int64_t kvh = rest / nb, blk = rest % nb, b = work->panel_b;
     const int64_t off = p->seqs[b].key_offset, count = p->seqs[b].key_count;
     const lampe_plan *plan = p->seqs[b].plan;
     const size_t es = dtype_size(p->dtype);
     const int64_t k0 = blk * BK, k1 = k0 + BK < p->kv_len ? k0 + BK : p->kv_len;
     float *cs = scratch, *sn = cs + D, *row = sn + D;
-    uint8_t *bad = ap->key_bad + kvh * p->kv_len;
+    uint8_t *bad = work->key_bad + kvh * p->kv_len;
     if (kind == 2) {
         const char *vbase = (const char *)p->v;
         int any = 0;
         for (int64_t j = k0; j < k1; j++) {
-            float *dst = ap->vconv + (kvh * p->kv_len + j) * ap->ldv;
+            float *dst = work->vconv + (kvh * p->kv_len + j) * work->ldv;
             if (j - off < 0 || j - off >= count) { /* never attended */
                 memset(dst, 0, (size_t)D * 4);
                 continue;
@@ -230,10 +230,10 @@ static void attn_pack(const lampe_attn_plan *ap, int64_t item, float *scratch)
                 any = 1;
             }
         }
-        ap->block_bad[kvh * nb + blk] |= (uint8_t)any;
+        work->block_bad[kvh * nb + blk] |= (uint8_t)any;
         return;
     }
-    float *panel = (kind ? ap->panel_map : ap->panel_id) + (kvh * nb + blk) * D * LDK;
+    float *panel = (kind ? work->panel_map : work->panel_id) + (kvh * nb + blk) * D * LDK;
     const char *kbase = (const char *)p->k;
     int any = 0;
     for (int64_t jj = 0; jj < BK; jj++) {
@@ -251,7 +251,7 @@ static void attn_pack(const lampe_attn_plan *ap, int64_t item, float *scratch)
             any = 1;
         }
     }
-    if (kind == 0) ap->block_bad[kvh * nb + blk] = (uint8_t)any;
+    if (kind == 0) work->block_bad[kvh * nb + blk] = (uint8_t)any;
 }
 
 /* dst = R(b)^T src for one row: undo a rotation whose cos/sin are c/s (pass-through dims copied).
@@ -361,12 +361,12 @@ static int64_t direct_bad_keys(const lampe_attn_params *p, int64_t b, int64_t kv
     return nbad;
 }
 
-static void attn_item(const lampe_attn_plan *ap, int64_t item, float *scratch)
+static void attn_item(const lampe_attn_work *work, int64_t item, float *scratch)
 {
-    const lampe_attn_params *p = ap->p;
-    const lampe_attn_tile *tile = &ap->tiles[item / ap->nchunks];
-    const int64_t chunk = item % ap->nchunks;
-    const int64_t D = p->head_dim, G = ap->group, n2 = p->rotary_dim / 2;
+    const lampe_attn_params *p = work->p;
+    const lampe_attn_tile *tile = &work->tiles[item / work->nchunks];
+    const int64_t chunk = item % work->nchunks;
+    const int64_t D = p->head_dim, G = work->group, n2 = p->rotary_dim / 2;
     const int64_t b = tile->b, kvh = tile->kvh, t0 = tile->t0, npos = tile->t1 - tile->t0;
     const int64_t M = npos * G, Mp = (M + QK_MR - 1) / QK_MR * QK_MR;
     const lampe_attn_seq *seq = &p->seqs[b];
@@ -381,8 +381,8 @@ static void attn_item(const lampe_attn_plan *ap, int64_t item, float *scratch)
     const float cap2 = p->softcap * LOG2E;
 
     lampe_attn_scratch sc;
-    lampe_attn_scratch_carve(&sc, scratch, ap->max_rows + LAMPE_ATTN_ROW_PAD, D, ap->ldv);
-    const int64_t ldv = ap->ldv;    /* padded row strides: no power-of-two cache-set aliasing */
+    lampe_attn_scratch_carve(&sc, scratch, work->max_rows + LAMPE_ATTN_ROW_PAD, D, work->ldv);
+    const int64_t ldv = work->ldv;    /* padded row strides: no power-of-two cache-set aliasing */
     float *Kp = sc.k_block, *Vb = sc.v_block, *S = sc.scores, *O = sc.o, *mrow = sc.m, *lrow = sc.l;
     float *cs = sc.cos, *sn = sc.sin, *row = sc.row;
     int32_t *active = sc.active, *poisoned = sc.poisoned;
@@ -474,7 +474,7 @@ static void attn_item(const lampe_attn_plan *ap, int64_t item, float *scratch)
         }
         total += nblk[s];
     }
-    const int64_t cb0 = total * chunk / ap->nchunks, cb1 = total * (chunk + 1) / ap->nchunks;
+    const int64_t cb0 = total * chunk / work->nchunks, cb1 = total * (chunk + 1) / work->nchunks;
     const char *kbase = (const char *)p->k, *vbase = (const char *)p->v;
     const int64_t *mids = plan ? plan->mapped_ids : NULL;
     const int f32 = p->dtype == LAMPE_F32;
@@ -494,11 +494,11 @@ static void attn_item(const lampe_attn_plan *ap, int64_t item, float *scratch)
                 const int64_t pb = first[s] + blk;
                 k0 = pb * BK;
                 k1 = k0 + BK < p->kv_len ? k0 + BK : p->kv_len;
-                Kb = (sr->mapped ? ap->panel_map : ap->panel_id) + (kvh * ap->nblk + pb) * D * LDK;
-                Vr = ap->vconv + (kvh * p->kv_len + k0) * ldv;
-                if (ap->block_bad[kvh * ap->nblk + pb])
+                Kb = (sr->mapped ? work->panel_map : work->panel_id) + (kvh * work->nblk + pb) * D * LDK;
+                Vr = work->vconv + (kvh * p->kv_len + k0) * ldv;
+                if (work->block_bad[kvh * work->nblk + pb])
                     for (int64_t j = k0; j < k1; j++)
-                        if (ap->key_bad[kvh * p->kv_len + j]) bad[nbad++] = j;
+                        if (work->key_bad[kvh * p->kv_len + j]) bad[nbad++] = j;
             } else {
                 k0 = sr->lo_min + blk * BK;
                 k1 = k0 + BK <= sr->hi_max + 1 ? k0 + BK : sr->hi_max + 1;
@@ -562,7 +562,7 @@ static void attn_item(const lampe_attn_plan *ap, int64_t item, float *scratch)
                     if (!load_row_finite(p->dtype, vsrc, Vb + jj * ldv, D)) bad[nbad++] = j;
                 }
                 Vr = Vb;
-                if (direct) nbad = direct_bad_keys(p, b, kvh, k0, k1, S, G, bad, nbad, ap->overflow);
+                if (direct) nbad = direct_bad_keys(p, b, kvh, k0, k1, S, G, bad, nbad, work->overflow);
             }
             if (nbad) poison_rows(sr, M, G, bad, nbad, poisoned);
             const int64_t nk = k1 - k0, nkp = (nk + QK_NR - 1) / QK_NR * QK_NR;
@@ -593,7 +593,7 @@ static void attn_item(const lampe_attn_plan *ap, int64_t item, float *scratch)
                 const float mx = v_hmax(vm);
                 const float mnew = mx > mrow[r] ? mx : mrow[r];
                 if (mnew == -INFINITY) { /* every logit -inf: finite inputs overflowed */
-                    atomic_store(ap->overflow, 1);
+                    atomic_store(work->overflow, 1);
                     continue;
                 }
                 const float alpha = mrow[r] == -INFINITY ? 0.0f : exp2f(mrow[r] - mnew);
@@ -623,10 +623,10 @@ static void attn_item(const lampe_attn_plan *ap, int64_t item, float *scratch)
      * that is not finite means a logit of finite inputs overflowed (NaN or inf inputs poison their
      * rows instead and never reach the sums). */
     for (int64_t r = 0; r < M; r++)
-        if (!poisoned[r] && !(lrow[r] < INFINITY)) atomic_store(ap->overflow, 1);
-    if (ap->nchunks > 1) {
-        float *po = ap->part_o + item * ap->max_rows * D;
-        float *pml = ap->part_ml + item * ap->max_rows * 2;
+        if (!poisoned[r] && !(lrow[r] < INFINITY)) atomic_store(work->overflow, 1);
+    if (work->nchunks > 1) {
+        float *po = work->part_o + item * work->max_rows * D;
+        float *pml = work->part_ml + item * work->max_rows * 2;
         memcpy(po, O, (size_t)(M * D) * 4);
         for (int64_t r = 0; r < M; r++) {
             pml[2 * r] = poisoned[r] ? NAN : mrow[r];

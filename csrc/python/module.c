@@ -245,7 +245,7 @@ static int plan_from_tuple(PyObject *t, lampe_plan *plan, PyArrayObject **keep)
     if (!PyArg_ParseTuple(t, "OLLLLLLLiii;plan must be a tuple (mapped_ids, L, H, T, U, R, b1, b2, fallback, decode, mode)",
                           &mo, &L, &H, &T, &U, &R, &b1, &b2, &fb, &decode, &mode))
         return 0;
-    if (mode < LAMPE_MODE_REFERENCE || mode > LAMPE_MODE_REROPE) {
+    if (mode < LAMPE_MODE_LAMPE || mode > LAMPE_MODE_REROPE) {
         PyErr_SetString(PyExc_ValueError, "plan: unknown mode");
         return 0;
     }
@@ -267,7 +267,7 @@ static int plan_from_tuple(PyObject *t, lampe_plan *plan, PyArrayObject **keep)
     plan->decode = decode;
     plan->mode = mode;
     plan->mapped_ids = (const int64_t *)PyArray_DATA(m);
-    if (H < 1 || U < 1 || R < 0 || (mode == LAMPE_MODE_REFERENCE && !fb && (R < 1 || R > L - H))) {
+    if (H < 1 || U < 1 || R < 0 || (mode == LAMPE_MODE_LAMPE && !fb && (R < 1 || R > L - H))) {
         PyErr_SetString(PyExc_ValueError, "plan: inconsistent fields");
         return 0;
     }
@@ -301,7 +301,7 @@ static PyObject *py_regions(PyObject *self, PyObject *args)
             Py_DECREF(out);
             return PyErr_Format(PyExc_ValueError, "position must be >= 0, got %lld", (long long)position);
         }
-        if (plan.mode != LAMPE_MODE_REFERENCE && position >= plan.length) {
+        if (plan.mode != LAMPE_MODE_LAMPE && position >= plan.length) {
             Py_DECREF(out);
             return PyErr_Format(PyExc_ValueError, "position %lld is beyond the planned length %lld: SelfExtend and "
                                 "ReRoPE plans cover every position below their length (plan the total length)",

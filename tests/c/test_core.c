@@ -53,9 +53,9 @@ static void test_plan_config_a(void)
     CHECK(r[1].key_lo == 8 && r[1].key_hi == 20 && r[1].qpos == 11 && r[1].shift == 5, "24 map");
     CHECK(r[2].key_hi == 7 && r[2].qpos == 17, "24 sink");
     /* the authors' decode refuses step 5 > H */
-    p.decode = LAMPE_DECODE_REFERENCE;
-    CHECK(lampe_plan_regions(&p, 24, r, &n) == LAMPE_ERR_DECODE_RANGE, "reference decode beyond H");
-    CHECK(lampe_plan_regions(&p, 23, r, &n) == LAMPE_OK && r[1].shift == 0, "reference decode step 4");
+    p.decode = LAMPE_DECODE_AUTHORS;
+    CHECK(lampe_plan_regions(&p, 24, r, &n) == LAMPE_ERR_DECODE_RANGE, "authors decode beyond H");
+    CHECK(lampe_plan_regions(&p, 23, r, &n) == LAMPE_OK && r[1].shift == 0, "authors decode step 4");
 }
 
 static void test_plan_errors(void)

@@ -28,7 +28,7 @@ typedef enum {
     LAMPE_ERR_ARG = 1,          /* a size or enum is out of range; message names it      */
     LAMPE_ERR_SINK = 2,         /* the extended sink R violates 1 <= R <= L - H          */
     LAMPE_ERR_LENGTH = 3,       /* a length above LAMPE_MAX_LENGTH                       */
-    LAMPE_ERR_DECODE_RANGE = 4, /* decode="reference" asked for a step D > H             */
+    LAMPE_ERR_DECODE_RANGE = 4, /* decode "authors" asked for a step D > H               */
     LAMPE_ERR_NOMEM = 5,
     LAMPE_ERR_UNSUPPORTED = 6,  /* e.g. an ISA this CPU or build does not have           */
     LAMPE_ERR_OVERFLOW = 7      /* a logit of finite inputs overflows float32 (the scale) */
@@ -66,7 +66,7 @@ int lampe_default_threads(void);
 /* ------------------------------------------------------------------ position planner (§1-§2, §0) */
 
 /*
- * LAMPE_MODE_REFERENCE is LaMPE (§1-§2). The two baselines are position policies over the same
+ * LAMPE_MODE_LAMPE is LaMPE (§1-§2). The two baselines are position policies over the same
  * kernels, for like-for-like evaluation (every row is a "prompt row": plan the total length):
  *   LAMPE_MODE_SELFEXTEND (Jin et al. 2024, "LLM Maybe LongLM"): keys within `window` of the query
  *     keep true positions; farther keys get floor(j / G) with G = mapping_length ("group size"),
@@ -74,8 +74,8 @@ int lampe_default_threads(void);
  *   LAMPE_MODE_REROPE (Su 2023, "ReRoPE"): true positions within `window`; every farther key is
  *     seen at relative position `window` (query at `window`, key at 0).
  */
-typedef enum { LAMPE_MODE_REFERENCE = 0, LAMPE_MODE_SELFEXTEND = 1, LAMPE_MODE_REROPE = 2 } lampe_mode;
-typedef enum { LAMPE_DECODE_SHIFTED = 0, LAMPE_DECODE_REFERENCE = 1 } lampe_decode;
+typedef enum { LAMPE_MODE_LAMPE = 0, LAMPE_MODE_SELFEXTEND = 1, LAMPE_MODE_REROPE = 2 } lampe_mode;
+typedef enum { LAMPE_DECODE_SHIFTED = 0, LAMPE_DECODE_AUTHORS = 1 } lampe_decode;
 
 typedef struct lampe_plan {
     int64_t length;         /* L: prompt length                               */
@@ -127,7 +127,7 @@ typedef struct lampe_region {
 
 /*
  * Regions of the query at `position` (>= 0): a prompt row when position < L, a row after the
- * prompt otherwise (§0; decode="reference" follows the authors and refuses D > H with
+ * prompt otherwise (§0; LAMPE_DECODE_AUTHORS follows the authors and refuses D > H with
  * LAMPE_ERR_DECODE_RANGE). Empty regions are omitted; order is local, map, sink (or full).
  */
 int lampe_plan_regions(const lampe_plan *plan, int64_t position, lampe_region *out, int *count);
