@@ -37,27 +37,35 @@ class Region(NamedTuple):
     shift: int
 
 
-class Plan:
-    """A LaMPE plan for a prompt of ``length`` tokens (made by :func:`plan`)."""
+class Plan(_C.Plan):
+    """A LaMPE plan for a prompt of ``length`` tokens (made by :func:`plan`; cached and shared, so
+    immutable: no attribute can be set and ``mapped_ids`` is a read-only view of immutable
+    storage). Fields: length (L), window (H), sink (T), mapping_length (U), sink_size (R),
+    bias_map (b1), bias_sink (b2), fallback (L < 2H), mapped_ids (m), mode, decode. The C kernel
+    reads the plan's struct directly (csrc/python/module.c)."""
 
-    __slots__ = ("length", "window", "sink", "mapping_length", "mode", "decode", "mapped_ids", "sink_size",
-                 "bias_map", "bias_sink", "fallback", "_ctuple")
+    __slots__ = ("mode", "decode")
 
-    def __init__(self, length, window, sink, mapping_length, mode, decode, mapped_ids, R, b1, b2, fallback):
-        self.length = int(length)
-        self.window = int(window)
-        self.sink = int(sink)
-        self.mapping_length = int(mapping_length)
-        self.mode = mode
-        self.decode = decode
-        mapped_ids.setflags(write=False)
-        self.mapped_ids = mapped_ids
-        self.sink_size = int(R)
-        self.bias_map = int(b1)
-        self.bias_sink = int(b2)
-        self.fallback = bool(fallback)
-        self._ctuple = (mapped_ids, self.length, self.window, self.sink, self.mapping_length, self.sink_size,
-                        self.bias_map, self.bias_sink, int(self.fallback), _DECODE_CODES[decode], _MODE_CODES[mode])
+    def __new__(cls, length, window, sink, mapping_length, mode="lampe", decode="shifted"):
+        self = super().__new__(cls, length, window, sink, mapping_length, _DECODE_CODES[decode], _MODE_CODES[mode])
+        object.__setattr__(self, "mode", mode)
+        object.__setattr__(self, "decode", decode)
+        return self
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"Plan is immutable (plans are cached and shared); cannot set {name!r}")
+
+    def __delattr__(self, name):
+        raise AttributeError(f"Plan is immutable (plans are cached and shared); cannot delete {name!r}")
+
+    def __reduce__(self):
+        return (Plan, (self.length, self.window, self.sink, self.mapping_length, self.mode, self.decode))
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
 
     def __repr__(self):
         return (f"Plan(length={self.length}, window={self.window}, sink={self.sink}, "
@@ -71,7 +79,7 @@ class Plan:
         if pos.dtype.kind not in "iu":
             raise TypeError(f"positions must be integers, got dtype {pos.dtype}")
         pos = np.ascontiguousarray(pos.reshape(-1), dtype=np.int64)
-        return _C.regions(self._ctuple, pos)
+        return _C.regions(self, pos)
 
     def _kpos(self, mapped, shift, lo, hi):
         keys = np.arange(lo, hi + 1, dtype=np.int64)
@@ -143,10 +151,7 @@ LAMPE_MAX_REGIONS = 3
 
 @functools.lru_cache(maxsize=128)
 def _plan_cached(length: int, config: LampeConfig) -> Plan:
-    u = config.mapping_length_for(length)
-    m, R, b1, b2, fb = _C.plan(length, config.window, config.sink, u, _DECODE_CODES[config.decode],
-                               _MODE_CODES[config.mode])
-    return Plan(length, config.window, config.sink, u, config.mode, config.decode, m, R, b1, b2, fb)
+    return Plan(length, config.window, config.sink, config.mapping_length_for(length), config.mode, config.decode)
 
 
 def plan(length: int, config: Optional[LampeConfig] = None) -> Plan:

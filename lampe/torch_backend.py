@@ -50,7 +50,9 @@ def attention(q, k, v, *, config: Optional[LampeConfig], inv_freq, prompt_length
     rd = D if rotary_dim is None else int(rotary_dim)
     dev = q.device
     f = torch.as_tensor(np.asarray(inv_freq, dtype=np.float32) if not torch.is_tensor(inv_freq) else inv_freq,
-                        dtype=torch.float32, device=dev).reshape(-1)
+                        dtype=torch.float32, device=dev)
+    if f.ndim != 1 or f.shape[0] != rd // 2:
+        raise ValueError(f"inv_freq must be 1-D with rotary_dim/2 = {rd // 2} entries, got shape {tuple(f.shape)}")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     cap = resolve_softcap(softcap)
     amp = (config.temperature if config is not None else 1.0) if amplitude is None else float(amplitude)

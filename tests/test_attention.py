@@ -1,4 +1,5 @@
 """The fused C attention against the float64 reference (lampe.reference.attention)."""
+import importlib
 import os
 import subprocess
 import sys
@@ -457,3 +458,102 @@ def test_nonfinite_torch_backend_agrees(rng, name, where):
     bad = np.isnan(ref).all(axis=-1)
     assert bad.any() and np.array_equal(np.isnan(got).all(axis=-1), bad) and np.array_equal(np.isnan(lse), bad)
     np.testing.assert_allclose(got[~bad], ref[~bad], rtol=0, atol=2e-5)
+
+
+# ---------------------------------------------------------------- other issue 12 part 2 regressions
+
+def issue_inputs(Hq=1, Hkv=1, L=4, D=16, torch=False):
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal((1, h, L, D)).astype(np.float32) for h in (Hq, Hkv, Hkv))
+    if torch:
+        import torch as t
+        q, k, v = (t.from_numpy(x) for x in (q, k, v))
+    return q, k, v, (1 / 10000 ** (np.arange(0, D, 2) / D)).astype(np.float32)
+
+
+def test_out_with_overlapping_elements_refused():
+    torch = pytest.importorskip("torch")
+    q, k, v, f = issue_inputs(Hq=4, L=10, torch=True)
+    with pytest.raises(ValueError, match="out"):
+        lampe.attention(q, k, v, config=None, inv_freq=f, out=torch.empty(1, 1, 10, 16).expand(1, 4, 10, 16))
+    with pytest.raises(ValueError, match="out"):  # out aliasing an input
+        lampe.attention(q, k, v, config=None, inv_freq=f, out=q)
+
+
+def test_out_interleaved_with_an_input_is_fine():
+    """out and q in one buffer without shared elements is not aliasing."""
+    q, k, v, f = issue_inputs(Hq=2, L=10)
+    buf = np.zeros((1, 2, 10, 2, 16), np.float32)
+    buf[:, :, :, 0] = q
+    want = lampe.attention(q, k, v, config=None, inv_freq=f)
+    got = lampe.attention(buf[:, :, :, 0], k, v, config=None, inv_freq=f, out=buf[:, :, :, 1])
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(buf[:, :, :, 0], q)
+
+
+def test_negative_last_strides_accepted():
+    q, k, v, f = issue_inputs(Hq=2, Hkv=1, L=9)
+    cfg = C(window=2, sink=1, mapping_length=3)
+    want = lampe.attention(np.ascontiguousarray(q[..., ::-1]), k, v, config=cfg, inv_freq=f)
+    got = lampe.attention(q[..., ::-1], k[..., ::-1].copy()[..., ::-1], v, config=cfg, inv_freq=f)
+    np.testing.assert_array_equal(got, want)
+    out = np.zeros((1, 2, 9, 16), np.float32)[..., ::-1]
+    assert lampe.attention(q[..., ::-1], k, v, config=cfg, inv_freq=f, out=out) is out
+    np.testing.assert_array_equal(out, want)
+
+
+def test_requires_grad_raises_and_points_to_the_differentiable_op():
+    torch = pytest.importorskip("torch")
+    q, k, v, f = issue_inputs(torch=True)
+    for name in ("q", "k", "v"):
+        args = {"q": q, "k": k, "v": v}
+        args[name] = args[name].clone().requires_grad_()
+        with pytest.raises(RuntimeError, match=rf"{name} requires grad.*lampe\.torch_ops\.lampe_attention"):
+            lampe.attention(args["q"], args["k"], args["v"], config=None, inv_freq=f)
+        with torch.no_grad():
+            out = lampe.attention(args["q"], args["k"], args["v"], config=None, inv_freq=f)
+        assert not out.requires_grad
+
+
+def test_clear_errors_for_odd_shapes():
+    q, k, v, f = issue_inputs()
+    with pytest.raises(ValueError, match="head_dim"):
+        lampe.attention(q[..., :0], k[..., :0], v[..., :0], config=None, inv_freq=f[:0])
+    with pytest.raises(ValueError, match="inv_freq"):
+        lampe.attention(q, k, v, config=None, inv_freq=f.reshape(2, 4))
+    big = np.lib.stride_tricks.as_strided(np.zeros(16, np.float32), (1, 1, 4, 16), (0, 0, 0, 4))
+    many = np.broadcast_to(q, (1, 4097, 4, 16))
+    with pytest.raises(ValueError, match=r"4097 query heads per key/value head.*4096"):
+        lampe.attention(many, big, big, config=None, inv_freq=f)
+    huge = np.broadcast_to(np.zeros((1, 1, 1, 16), np.float32), (1, 1, 2**25 + 1, 16))
+    with pytest.raises(ValueError, match=r"2\^25"):
+        lampe.attention(q, huge, huge, config=None, inv_freq=f)
+
+
+def test_huge_mapping_length_costs_what_the_input_does(monkeypatch):
+    """U = 2^24 on a 20-token input used to build (and cache) a 2^24-position cos/sin table."""
+    attn_mod = importlib.import_module("lampe.attention")  # lampe.attention is the function
+    monkeypatch.setattr(attn_mod, "_TABLES", type(attn_mod._TABLES)())  # measure this call's table alone
+    cfg = C(window=4, sink=1, mapping_length=2**24)
+    q, k, v, f = issue_inputs(L=20)
+    out = lampe.attention(q, k, v, config=cfg, inv_freq=f)
+    ref = lampe.reference.attention(q, k, v, cfg, f)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=2e-5)
+    assert attn_mod.table_cache_bytes() < 1 << 20
+
+
+def test_table_cache_is_bounded_by_bytes(monkeypatch):
+    attn_mod = importlib.import_module("lampe.attention")  # lampe.attention is the function
+    monkeypatch.setattr(attn_mod, "TABLE_CACHE_BYTES", 3 << 20)  # three 1 MiB tables
+    monkeypatch.setattr(attn_mod, "_TABLES", type(attn_mod._TABLES)())
+    q, k, v, _ = issue_inputs(L=3000, D=64)
+    for i in range(8):
+        f = (1 / (10000 + i) ** (np.arange(0, 64, 2) / 64)).astype(np.float32)
+        got = lampe.attention(q[:, :, -1:], k, v, config=None, inv_freq=f)
+        assert attn_mod.table_cache_bytes() <= 3 << 20
+        np.testing.assert_allclose(got, lampe.reference.attention(q[:, :, -1:], k, v, None, f), rtol=0, atol=2e-5)
+    assert attn_mod.table_cache_bytes() > 0
+    # a table larger than the whole budget is used for its call and not kept
+    monkeypatch.setattr(attn_mod, "TABLE_CACHE_BYTES", 1 << 16)
+    lampe.attention(q[:, :, -1:], k, v, config=None, inv_freq=f * 0.5)
+    assert attn_mod.table_cache_bytes() <= 1 << 16
