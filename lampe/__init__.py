@@ -5,14 +5,41 @@
     >>> p.sink_size, p.bias_map, p.bias_sink
 """
 from ._version import __version__
-from . import _C
+
+
+def _missing_extension(error):
+    """One line saying what to run when the C extension cannot be imported.
+
+    The usual cause is Python started in a checkout's root (``python -m lampe``, a notebook, a
+    REPL): the current directory comes first on sys.path, so this source tree, where nothing has
+    been compiled, shadows an installed lampe."""
+    import importlib.machinery
+    import os
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)
+    built = [n for n in os.listdir(here)
+             if n.startswith("_C.") and n.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))]
+    if built:
+        msg = (f"lampe's C extension {os.path.join(here, built[0])} does not load ({error}); "
+               f"rebuild it: run `pip install -e .` in {root}")
+    else:
+        msg = (f"lampe's C extension is not built in the source tree {here}: run `pip install -e .` in {root} "
+               f"(builds it in place), or start Python outside {root} to use an installed lampe")
+    # name= lets `python -m lampe` report it on one line, as it does for a missing package.
+    return ImportError(msg, name=__name__)
+
+
+try:
+    from . import _C
+except ImportError as _error:
+    raise _missing_extension(_error) from None
+
 from .config import DEFAULT_TEMPERATURE, PRESETS, LampeConfig, MappingSigmoid, mapping_length
 from .positions import Plan, Region, plan
 from .rotary import rope
 from .attention import attention
 from . import reference
 from .info import available_isas, set_cpu_isa, show_config
-
 
 
 def patch(model, config=None, **kwargs):

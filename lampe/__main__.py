@@ -59,7 +59,7 @@ def cmd_eval(args) -> int:
     import json
     import os
 
-    from . import data
+    from .eval import texts as data
     from .eval import markdown, plots, run_grid, summarize
     from .eval import tasks as T
     from .hf import pretrained_window
@@ -135,7 +135,7 @@ def cmd_demo(args) -> int:
     # Perplexity on held-out real text, when it is already on this machine (the demo stays offline).
     ppl = {}
     try:
-        from . import data
+        from .eval import texts as data
         text = data.book("persuasion") if data.available().get("persuasion") else None
     except Exception:  # no cached text: skip, the passkey part is the demo
         text = None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, replace
 from typing import Optional, Union
 
@@ -27,10 +28,47 @@ def _check_int(name, value, minimum=1, maximum=MAX_LENGTH):
     return value
 
 
+def _check_real(name, value, minimum=None, maximum=None):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
+    return value
+
+
+def _check_count(name, value, minimum, maximum=MAX_LENGTH):
+    """An int field that may arrive as an integral float (the torch op carries the sigmoid as float[])."""
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, numbers.Integral)):
+        f = float(value)
+        if not (math.isfinite(f) and f.is_integer()):
+            raise ValueError(f"{name} must be a whole number, got {value}")
+        value = int(f)
+    return _check_int(name, value, minimum, maximum)
+
+
 @dataclass(frozen=True)
 class MappingSigmoid:
     """A scaled sigmoid U(L) = int(lmax / (1 + exp(-(a L + b)))) (spec §4), e.g. fitted by
-    lampe.calibrate; lengths below ``threshold`` use ``below``. Usable as a mapping_length."""
+    lampe.calibrate; lengths below ``threshold`` use ``below``. Usable as a mapping_length.
+
+    Every field is checked on construction (TypeError or ValueError naming it):
+
+    - ``a`` finite and >= 0: U must not shrink as the input grows (a = 0 is a constant U);
+    - ``b`` finite, any sign;
+    - ``lmax`` finite, 1 <= lmax <= 2^24: the ceiling of U, which is always between 1 and the
+      longest supported length;
+    - ``threshold`` a whole number in 0 .. 2^24 (0: no threshold);
+    - ``below`` a whole number: 1 .. 2^24 when ``threshold`` > 0 (it is the U of shorter
+      inputs), and 0 when there is no threshold (it would never be used).
+
+    Whole numbers may be given as integral floats (8192.0). U(L) is clamped to 1 .. 2^24 exactly
+    as the C planner does, and never raises for a valid sigmoid at any length.
+    """
 
     a: float
     b: float
@@ -38,10 +76,25 @@ class MappingSigmoid:
     threshold: int = 0
     below: int = 0
 
+    def __post_init__(self):
+        object.__setattr__(self, "a", _check_real("a", self.a, minimum=0.0))
+        object.__setattr__(self, "b", _check_real("b", self.b))
+        object.__setattr__(self, "lmax", _check_real("lmax", self.lmax, minimum=1.0, maximum=float(MAX_LENGTH)))
+        object.__setattr__(self, "threshold", _check_count("threshold", self.threshold, minimum=0))
+        if self.threshold:
+            object.__setattr__(self, "below", _check_count("below", self.below, minimum=1))
+        elif _check_count("below", self.below, minimum=0) != 0:
+            raise ValueError(f"below={self.below} needs a threshold > 0 (it is the mapping length of inputs "
+                             f"shorter than the threshold)")
+        else:
+            object.__setattr__(self, "below", 0)
+
     def __call__(self, length: int) -> int:
         if self.threshold and length < self.threshold:
-            return int(self.below)
-        u = self.lmax / (1.0 + math.exp(-(self.a * length + self.b)))
+            return self.below
+        z = -(self.a * length + self.b)
+        # math.exp raises where C's exp returns inf; lmax / (1 + inf) = 0, clamped to 1 below.
+        u = self.lmax / (1.0 + math.exp(z)) if z < 709.0 else 0.0
         return int(min(max(u, 1.0), MAX_LENGTH))
 
 

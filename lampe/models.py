@@ -46,7 +46,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .data import cache_dir
+from ._cache import cache_dir
 
 __all__ = ["MODELS", "load", "tiny_path", "model_cache_dir", "fetch_smollm2_gguf", "ByteTokenizer",
            "decoded_digits"]

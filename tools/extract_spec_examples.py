@@ -2,7 +2,9 @@
 
 Run once when the spec changes: python tools/extract_spec_examples.py docs/spec.md
 The output is literal data taken from the specification (never from lampe's own code), so the
-tests built on it can fail.
+tests built on it can fail. In the specification, rows after the prompt are tagged "authors D=..."
+(the authors' decode rule) and "shifted D=..." (lampe's); the transcription keeps them under the
+keys "decode" and "shifted".
 """
 import pprint
 import re
@@ -38,16 +40,15 @@ def parse_row(text):
     return query, regions
 
 
-def main(path):
-    text = open(path).read()
+def transcribe(text):
+    """The content of tests/spec_examples.py for the specification ``text``."""
     out = {}
     for block in re.split(r"\n\*\*Config ", text)[1:]:
         name = block[0]
-        head = re.search(r"L=(\d+) head=(\d+) tail=(\d+) use_length=(\d+)", block)
+        head = re.search(r"^L=(\d+) H=(\d+) T=(\d+) U=(\d+)$", block, re.M)
         L, H, T, U = (int(x) for x in head.groups())
-        m = [int(x) for x in re.search(r"m \(float32 ref\) = \[([^\]]*)\]", block).group(1).split(",")]
-        r = re.search(r"R\(re_size_2\)=(\d+) bias1=(-?\d+) bias2=(-?\d+) map_len=(\d+) fallback\(L<2\*head\)=(\w+)",
-                      block)
+        m = [int(x) for x in re.search(r"^m = \[([^\]]*)\]$", block, re.M).group(1).split(",")]
+        r = re.search(r"^R=(\d+) b1=(-?\d+) b2=(-?\d+) map_len=(\d+) fallback=(\w+)$", block, re.M)
         ex = {"L": L, "H": H, "T": T, "U": U, "m": m, "R": int(r.group(1)), "b1": int(r.group(2)),
               "b2": int(r.group(3)), "fallback": r.group(5) == "True", "prompt": {}, "decode": {}, "shifted": {}}
         for line in block.splitlines():
@@ -55,29 +56,35 @@ def main(path):
             if re.match(r"^\d+ \|", s):
                 q, regs = parse_row(s)
                 ex["prompt"][q] = regs
-            elif s.startswith("prefill coverage"):
+            elif s.startswith("prompt rows:"):
                 dup = re.search(r"duplicated\(i,j,regions\)=(\[.*\])", s).group(1)
                 ex["prefill_duplicates"] = [(int(a), int(b), c) for a, b, c in
                                             re.findall(r"\((\d+), (\d+), '(\w+)'\)", dup)]
             else:
-                md = re.match(r"^(shifted )?decode D=(\d+):\s+(.*)$", s)
+                md = re.match(r"^(authors|shifted) D=(\d+):\s+(.*)$", s)
                 if md:
-                    key = "shifted" if md.group(1) else "decode"
+                    key = "shifted" if md.group(1) == "shifted" else "decode"
                     D = int(md.group(2))
                     body = md.group(3)
-                    ex[key][D] = "error" if "crashes" in body else parse_row(body)[1]
+                    ex[key][D] = "error" if body.startswith("error") else parse_row(body)[1]
         out[name] = ex
-    num = re.search(r"```\nrow  0 lse=.*?```", text, re.S).group(0)
+    num = re.search(r"```\nrow +0 lse=.*?```", text, re.S).group(0)
     rows = {}
     for line in num.splitlines():
         mm = re.match(r"row\s+(\d+) lse=(\{.*?\}) w=(\{.*?\}) out=\[(.*)\]", line)
         if mm:
             rows[int(mm.group(1))] = {"lse": eval(mm.group(2)), "w": eval(mm.group(3)),
                                       "out": [float(x) for x in mm.group(4).split(",")]}
-    with open("tests/spec_examples.py", "w") as f:
-        f.write('"""Worked examples of docs/spec.md §6, transcribed by tools/extract_spec_examples.py."""\n\n')
-        f.write("CONFIGS = " + pprint.pformat(out, width=110, compact=True) + "\n\n")
-        f.write("NUMERIC_ROWS = " + pprint.pformat(rows, width=110) + "\n")
+    return ('"""Worked examples of docs/spec.md §6, transcribed by tools/extract_spec_examples.py."""\n\n'
+            + "CONFIGS = " + pprint.pformat(out, width=110, compact=True) + "\n\n"
+            + "NUMERIC_ROWS = " + pprint.pformat(rows, width=110) + "\n")
+
+
+def main(path):
+    with open(path, encoding="utf-8") as f:
+        text = transcribe(f.read())
+    with open("tests/spec_examples.py", "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """Write the notebooks in notebooks/ (without outputs) from the cell sources below.
 
     python tools/make_notebooks.py
-CI executes them top to bottom (tests/test_notebooks.py); regenerate after editing here.
+CI executes them top to bottom and counts the figures each one shows (tests/test_notebooks.py);
+regenerate after editing here. Figures use ipykernel's inline backend (`%matplotlib inline`), so
+Jupyter shows them under their cells; never select a non-interactive backend such as Agg here,
+or plt.show() displays nothing.
 """
 import nbformat as nbf
 
@@ -11,7 +14,7 @@ NB["01_positions_and_regions.ipynb"] = [
     ("md", "# 01 — LaMPE positions and regions\n\nHow LaMPE re-positions keys: the float32 mapped ids "
            "(spec §1.1), the three regions of each query row (local window, compressed map, sink) and the "
            "relative positions a row ends up seeing. Everything here comes from `lampe.plan`."),
-    ("code", "import numpy as np\nimport matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot as plt\n"
+    ("code", "%matplotlib inline\nimport numpy as np\nimport matplotlib.pyplot as plt\n"
              "import lampe\n\n"
              "cfg = lampe.LampeConfig(window=16, sink=4, mapping_length=40)\n"
              "L = 200\nplan = lampe.plan(L, cfg)\nplan"),
@@ -50,28 +53,39 @@ NB["02_passkey_and_perplexity.ipynb"] = [
            "window 256) evaluated beyond its window: the original model, RoPE-scaling baselines, SelfExtend, "
            "ReRoPE and LaMPE, through the same harness as `python -m lampe eval`. Small settings so the "
            "notebook runs in CI; raise `SAMPLES` for real numbers."),
-    ("code", "import os, tempfile\nimport torch\nimport lampe\nfrom lampe import models\n"
+    ("code", "%matplotlib inline\nimport os, tempfile\nimport matplotlib.pyplot as plt\nimport torch\nimport lampe\n"
+             "from lampe import models\n"
              "from lampe.eval import run_grid, summarize, markdown\nfrom lampe.eval import tasks as T\n"
              "torch.set_num_threads(2)\nmodel, tok = models.load('tiny')\n"
-             "W = model.config.max_position_embeddings\nSAMPLES = int(os.environ.get('LAMPE_NB_SAMPLES', '2'))\nW"),
+             "W = model.config.max_position_embeddings\nSAMPLES = int(os.environ.get('LAMPE_NB_SAMPLES', '2'))\n\n\n"
+             "def plot_by_length(by_method, ylabel, title, logy=False):\n"
+             "    fig, ax = plt.subplots(figsize=(6, 3))\n"
+             "    for method, by_length in by_method.items():\n"
+             "        Ls = sorted(by_length)\n"
+             "        ax.plot([L / W for L in Ls], [by_length[L] for L in Ls], marker='o', label=method)\n"
+             "    ax.set_xscale('log', base=2)\n    if logy:\n        ax.set_yscale('log')\n"
+             "    ax.set_xlabel('input length / pretrained window'); ax.set_ylabel(ylabel); ax.set_title(title)\n"
+             "    ax.legend(fontsize=7); plt.show()\n\n\nW"),
     ("md", "## Passkey retrieval at 1x–8x the window"),
     ("code", "out = tempfile.mkdtemp()\nmethods = ['original', 'dynamic', 'yarn', 'selfextend', 'rerope', 'lampe']\n"
              "recs = run_grid(model, tok, out_dir=out, tasks=['passkey'], methods=methods, lengths=[W, 2 * W, 4 * W, 8 * W],\n"
-             "                depths=[0.5], samples=SAMPLES)\nprint(markdown(summarize(recs), W))"),
+             "                depths=[0.5], samples=SAMPLES)\nprint(markdown(summarize(recs), W))\n"
+             "plot_by_length(summarize(recs)['passkey'], 'passkey accuracy', 'passkey retrieval')"),
     ("md", "## Perplexity on held-out real text (Persuasion)\nFalls back to a repeated passage when the "
            "Debian text package cannot be fetched."),
-    ("code", "try:\n    text = lampe.data.book('persuasion')\nexcept Exception as e:\n    print('no Persuasion:', e)\n"
+    ("code", "from lampe.eval import texts\ntry:\n    text = texts.book('persuasion')\nexcept Exception as e:\n    print('no Persuasion:', e)\n"
              "    text = 'It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife. ' * 400\n"
              "ids = T.tokenize_text(tok, text, max_tokens=40 * W)\n"
              "recs = run_grid(model, tok, out_dir=out, tasks=['perplexity'], methods=['original', 'yarn', 'lampe'],\n"
-             "                lengths=[W, 2 * W, 4 * W], samples=2, text_ids=ids)\nprint(markdown({'perplexity': summarize(recs)['perplexity']}, W))"),
+             "                lengths=[W, 2 * W, 4 * W], samples=2, text_ids=ids)\nprint(markdown({'perplexity': summarize(recs)['perplexity']}, W))\n"
+             "plot_by_length(summarize(recs)['perplexity'], 'perplexity of the last tokens', 'held-out text', logy=True)"),
 ]
 
 NB["03_performance.ipynb"] = [
     ("md", "# 03 — Performance\n\nReads the JSON written by `bench/attention.py` (a committed sample, "
            "`bench/results/sample_attention.json`, unless a fresh `bench/results/attention.json` exists) and "
            "plots throughput against the machine ceilings measured in the same run."),
-    ("code", "import json, os\nimport matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot as plt\n"
+    ("code", "%matplotlib inline\nimport json, os\nimport matplotlib.pyplot as plt\n"
              "here = os.path.join('..', 'bench', 'results') if os.path.isdir(os.path.join('..', 'bench')) else os.path.join('bench', 'results')\n"
              "path = os.path.join(here, 'attention.json')\nif not os.path.exists(path):\n"
              "    path = os.path.join(here, 'sample_attention.json')\nres = json.load(open(path))\nprint(path)\n"
@@ -90,6 +104,8 @@ def main():
     for name, cells in NB.items():
         nb = nbf.v4.new_notebook()
         nb.cells = [nbf.v4.new_markdown_cell(src) if kind == "md" else nbf.v4.new_code_cell(src) for kind, src in cells]
+        for i, cell in enumerate(nb.cells):
+            cell.id = f"cell-{i}"  # stable ids: regenerating an unchanged notebook changes nothing
         nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
         nbf.write(nb, f"notebooks/{name}")
         print("wrote notebooks/" + name)
