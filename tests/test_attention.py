@@ -357,27 +357,27 @@ def nonfinite_case(rng, name, dtype, where, value):
     return c, q, k, v, as64, idx
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("where", ["q", "k", "v"])
 @pytest.mark.parametrize("name", sorted(NONFINITE))
-def test_nonfinite_attended_makes_the_row_nan(isa, rng, name, where, value):
+def test_nonfinite_attended_makes_the_row_nan(isa, rng, name, where, value, dtype):
     """Rows that attend a NaN or inf element output NaN (and lse NaN), as the reference says;
     every other row is unaffected."""
-    for dtype in ("float32", "bfloat16"):
-        c, q, k, v, as64, idx = nonfinite_case(rng, name, dtype, where, value)
-        f = inv_freq(c["D"])
-        out, lse = lampe.attention(q, k, v, config=c["cfg"], inv_freq=f, return_lse=True, **c["kw"])
-        rkw = {n: x for n, x in c["kw"].items() if n != "num_threads"}
-        ref, rlse = lampe.reference.attention(as64(q), as64(k), as64(v), c["cfg"], f, return_lse=True, **rkw)
-        o, lse = as64(out), np.asarray(lse)
-        bad = np.isnan(ref).all(axis=-1)
-        assert bad.any(), "the element must be attended by some row"
-        assert np.array_equal(np.isnan(ref).any(axis=-1), bad)  # the reference's rows are all-NaN or finite
-        assert np.array_equal(np.isnan(o).all(axis=-1), bad), f"{dtype}: NaN rows differ at {idx}"
-        assert np.array_equal(np.isnan(lse), bad)
-        assert np.all(np.isfinite(o[~bad]))
-        err = np.abs(o[~bad] - ref[~bad]).max(initial=0) / np.abs(ref[~bad]).max(initial=1)
-        assert err < TOL[dtype]
+    c, q, k, v, as64, idx = nonfinite_case(rng, name, dtype, where, value)
+    f = inv_freq(c["D"])
+    out, lse = lampe.attention(q, k, v, config=c["cfg"], inv_freq=f, return_lse=True, **c["kw"])
+    rkw = {n: x for n, x in c["kw"].items() if n != "num_threads"}
+    ref, rlse = lampe.reference.attention(as64(q), as64(k), as64(v), c["cfg"], f, return_lse=True, **rkw)
+    o, lse = as64(out), np.asarray(lse)
+    bad = np.isnan(ref).all(axis=-1)
+    assert bad.any(), "the element must be attended by some row"
+    assert np.array_equal(np.isnan(ref).any(axis=-1), bad)  # the reference's rows are all-NaN or finite
+    assert np.array_equal(np.isnan(o).all(axis=-1), bad), f"{dtype}: NaN rows differ at {idx}"
+    assert np.array_equal(np.isnan(lse), bad)
+    assert np.all(np.isfinite(o[~bad]))
+    err = np.abs(o[~bad] - ref[~bad]).max(initial=0) / np.abs(ref[~bad]).max(initial=1)
+    assert err < TOL[dtype]
 
 
 @pytest.mark.parametrize("name", ["pack", "panels", "direct_split"])
