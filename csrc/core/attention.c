@@ -1,14 +1,14 @@
 /*
  * Driver of the fused attention: validates parameters, cuts the work into (batch, KV head,
- * query tile[, key chunk]) items, runs them on the pool (most expensive first, claimed
- * dynamically) and, for split-KV, merges the partial results by log-sum-exp.
+ * query tile[, key chunk]) items, sizes the per-thread scratch (lampe_attn_scratch) and the
+ * shared buffers (prefill panels, split-KV partials), and runs the items on the pool (most
+ * expensive first, claimed dynamically). The per-ISA kernel body (csrc/cpu/attn_impl.h) does
+ * the arithmetic, the split-KV merge included.
  */
-#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "attention.h"
-#include "../cpu/convert.h"
 
 typedef struct {
     lampe_attn_work *work;
@@ -64,76 +64,6 @@ static int64_t panel_rows(const lampe_attn_params *p, int64_t b, int64_t own, in
 {
     if (p->seqs[b].key_count == 0) return 0;
     return own >= 2 * bq ? own : 0;
-}
-
-static void store_row(const lampe_attn_params *p, int64_t b, int64_t h, int64_t t, const float *o)
-{
-    const size_t es = p->dtype == LAMPE_F32 ? 4 : 2;
-    char *dst = (char *)p->out + (size_t)(b * p->out_stride[0] + h * p->out_stride[1] + t * p->out_stride[2]) * es;
-    const int64_t D = p->head_dim;
-    if (p->dtype == LAMPE_F32) {
-        memcpy(dst, o, (size_t)D * 4);
-        return;
-    }
-    uint16_t *d16 = (uint16_t *)dst;
-    for (int64_t d = 0; d < D; d++) d16[d] = p->dtype == LAMPE_BF16 ? lampe_f32_to_bf16(o[d]) : lampe_f32_to_f16(o[d]);
-}
-
-typedef struct {
-    lampe_attn_work *work;
-    atomic_llong next;
-} merge_job;
-
-/* out = sum_c 2^(m_c - m) O_c / sum_c 2^(m_c - m) l_c, with empty chunks (l = 0) skipped. */
-static void merge_task(void *ctx, int tid, int nth)
-{
-    (void)tid;
-    (void)nth;
-    merge_job *job = (merge_job *)ctx;
-    lampe_attn_work *work = job->work;
-    const lampe_attn_params *p = work->p;
-    const int64_t D = p->head_dim, G = work->group, C = work->nchunks;
-    float *acc = (float *)malloc((size_t)D * 4);
-    if (!acc) return;
-    for (;;) {
-        const int64_t ti = atomic_fetch_add(&job->next, 1);
-        if (ti >= work->n_tiles) break;
-        const lampe_attn_tile *tile = &work->tiles[ti];
-        const int64_t M = (tile->t1 - tile->t0) * G;
-        for (int64_t r = 0; r < M; r++) {
-            float m = -INFINITY;
-            int poisoned = 0;
-            for (int64_t c = 0; c < C; c++) {
-                const float *ml = work->part_ml + ((ti * C + c) * work->max_rows + r) * 2;
-                poisoned |= isnan(ml[0]);
-                if (ml[1] > 0.0f && ml[0] > m) m = ml[0];
-            }
-            float l = 0.0f;
-            memset(acc, 0, (size_t)D * 4);
-            if (poisoned) { /* the row attends a NaN or inf input */
-                for (int64_t d = 0; d < D; d++) acc[d] = NAN;
-                m = NAN;
-                l = 1.0f;
-            } else if (m != -INFINITY) {
-                for (int64_t c = 0; c < C; c++) {
-                    const float *ml = work->part_ml + ((ti * C + c) * work->max_rows + r) * 2;
-                    if (!(ml[1] > 0.0f)) continue;
-                    const float w = exp2f(ml[0] - m);
-                    const float *o = work->part_o + ((ti * C + c) * work->max_rows + r) * D;
-                    l += w * ml[1];
-                    for (int64_t d = 0; d < D; d++) acc[d] += w * o[d];
-                }
-            }
-            const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-            for (int64_t d = 0; d < D; d++) acc[d] *= inv; /* NaN stays NaN */
-            const int64_t h = tile->kvh * G + r % G, t = tile->t0 + r / G;
-            store_row(p, tile->b, h, t, acc);
-            if (p->lse)
-                p->lse[tile->b * p->lse_stride[0] + h * p->lse_stride[1] + t * p->lse_stride[2]] =
-                    l > 0.0f ? (m + log2f(l)) * 0.6931471805599453f : -INFINITY;
-        }
-    }
-    free(acc);
 }
 
 /* A tile of prompt rows shares one key rotation per slot; a row after the prompt of an active
@@ -250,7 +180,9 @@ int lampe_attention(const lampe_attn_params *p)
         const size_t items = (size_t)(n_tiles * work.nchunks);
         work.part_o = (float *)malloc(items * (size_t)(work.max_rows * D) * 4);
         work.part_ml = (float *)malloc(items * (size_t)work.max_rows * 2 * 4);
-        if (!work.part_o || !work.part_ml) rc = LAMPE_ERR_NOMEM;
+        work.tile_done = (atomic_int *)malloc((size_t)n_tiles * sizeof(atomic_int));
+        if (!work.part_o || !work.part_ml || !work.tile_done) rc = LAMPE_ERR_NOMEM;
+        for (int64_t t = 0; rc == LAMPE_OK && t < n_tiles; t++) atomic_init(&work.tile_done[t], 0);
     }
     if (rc == LAMPE_OK && any_panels) {
         const size_t panel = (size_t)(p->kv_heads * work.nblk) * (size_t)(D * LAMPE_ATTN_LDK);
@@ -275,12 +207,6 @@ int lampe_attention(const lampe_attn_params *p)
         start = group_end[b];
     }
     if (rc == LAMPE_OK) rc = run_phase(&work, nth, 0, start * C, n_tiles * C);
-    if (rc == LAMPE_OK && work.nchunks > 1) {
-        merge_job job;
-        job.work = &work;
-        atomic_init(&job.next, 0);
-        lampe_parallel_run(nth, merge_task, &job);
-    }
     if (rc == LAMPE_OK && atomic_load(&overflow)) rc = LAMPE_ERR_OVERFLOW;
     free(group_end);
     free(work.key_bad);
@@ -290,6 +216,7 @@ int lampe_attention(const lampe_attn_params *p)
     free(work.vconv);
     free(work.part_o);
     free(work.part_ml);
+    free(work.tile_done);
     free(work.tiles);
     return rc;
 }

@@ -25,6 +25,7 @@ typedef struct lampe_attn_work {
     int32_t nchunks;    /* key chunks per tile (split-KV); 1: no split */
     float *part_o;      /* [n_tiles * nchunks][max_rows][Dh] when nchunks > 1 */
     float *part_ml;     /* [n_tiles * nchunks][max_rows][2] (max, sum) in log2 units; max NaN: the row is NaN */
+    atomic_int *tile_done; /* [n_tiles] chunks finished; the last one merges the tile */
     size_t scratch_bytes; /* per thread, laid out by lampe_attn_scratch_carve */
     /* Prefill panels: every key rotated once per call instead of once per query tile. Keys at
      * true positions and at mapped positions m[j], as [Hkv][nblk][D][BK] float32, for batch row
