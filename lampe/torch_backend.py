@@ -42,7 +42,9 @@ def _rotate(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, rotary_d
 def attention(q, k, v, *, config: Optional[LampeConfig], inv_freq, prompt_length=None, key_padding_mask=None,
               query_start=None, rotary_dim=None, layout="half", scale=None, softcap=None, return_lse=False,
               amplitude=None):
-    """Same arguments and results as :func:`lampe.attention`, on any torch device.
+    """Same arguments and results as :func:`lampe.attention`, on any torch device, including the
+    NaN policy (a row attending a NaN/inf element is NaN; unattended elements never matter) and
+    ``query_start``/``softcap``/trailing slots in ``key_padding_mask``; differentiable.
     ``amplitude`` overrides the config's temperature (e.g. temperature x the model's mscale)."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
