@@ -14,7 +14,9 @@ const char *lampe_status_string(int status)
     case LAMPE_OK: return "ok";
     case LAMPE_ERR_ARG: return "invalid argument";
     case LAMPE_ERR_SINK: return "sink: the extended sink R must satisfy 1 <= R <= L - window";
-    case LAMPE_ERR_LENGTH: return "length above 2^24 tokens (the float32 mapping is exact only up to 2^24)";
+    case LAMPE_ERR_LENGTH:
+        return "a length above the supported maximum: prompts (plans) of up to 2^24 tokens, where the float32 mapping "
+               "is exact, and positions below 2^25";
     case LAMPE_ERR_DECODE_RANGE: return "decode='authors' is defined only for the first `window` steps after the prompt";
     case LAMPE_ERR_NOMEM: return "out of memory";
     case LAMPE_ERR_UNSUPPORTED: return "not supported on this CPU or build";

@@ -27,7 +27,7 @@ typedef enum {
     LAMPE_OK = 0,
     LAMPE_ERR_ARG = 1,          /* a size or enum is out of range; message names it      */
     LAMPE_ERR_SINK = 2,         /* the extended sink R violates 1 <= R <= L - H          */
-    LAMPE_ERR_LENGTH = 3,       /* a length above LAMPE_MAX_LENGTH                       */
+    LAMPE_ERR_LENGTH = 3,       /* a plan above LAMPE_MAX_LENGTH, a position above LAMPE_MAX_POSITIONS */
     LAMPE_ERR_DECODE_RANGE = 4, /* decode "authors" asked for a step D > H               */
     LAMPE_ERR_NOMEM = 5,
     LAMPE_ERR_UNSUPPORTED = 6,  /* e.g. an ISA this CPU or build does not have           */
