@@ -113,7 +113,7 @@ int lampe_attention(const lampe_attn_params *p)
     if (p->batch == 0 || p->q_len == 0) return LAMPE_OK;
 
     const int64_t G = p->q_heads / p->kv_heads;
-    int64_t bq = 64 / G;
+    int64_t bq = LAMPE_ATTN_TILE_ROWS / G;
     if (bq < 1) bq = 1;
     if (bq > LAMPE_ATTN_MAX_BQ) bq = LAMPE_ATTN_MAX_BQ;
 
@@ -171,7 +171,7 @@ int lampe_attention(const lampe_attn_params *p)
     const int64_t D = p->head_dim;
     work.ldv = (D + 15) / 16 * 16 + 16;
     lampe_attn_scratch layout;
-    work.scratch_bytes = lampe_attn_scratch_carve(&layout, NULL, work.max_rows + LAMPE_ATTN_ROW_PAD, D, work.ldv);
+    work.scratch_bytes = lampe_attn_scratch_carve(&layout, NULL, lampe_attn_scratch_rows(work.max_rows), D, work.ldv);
     atomic_int overflow;
     atomic_init(&overflow, 0);
     work.overflow = &overflow;
@@ -185,10 +185,12 @@ int lampe_attention(const lampe_attn_params *p)
         for (int64_t t = 0; rc == LAMPE_OK && t < n_tiles; t++) atomic_init(&work.tile_done[t], 0);
     }
     if (rc == LAMPE_OK && any_panels) {
-        const size_t panel = (size_t)(p->kv_heads * work.nblk) * (size_t)(D * LAMPE_ATTN_LDK);
+        /* one key block per lampe_attn_kblock_floats(D), one value block per BK * ldv floats: room
+         * for every level's tile layout (attn_tiles.h) */
+        const size_t panel = (size_t)(p->kv_heads * work.nblk) * (size_t)lampe_attn_kblock_floats(D);
         work.panel_id = (float *)malloc(panel * 4);
         work.panel_map = (float *)malloc(panel * 4);
-        work.vconv = (float *)malloc((size_t)(p->kv_heads * p->kv_len * work.ldv) * 4);
+        work.vconv = (float *)malloc((size_t)(p->kv_heads * work.nblk * LAMPE_ATTN_BK * work.ldv) * 4);
         work.key_bad = (uint8_t *)malloc((size_t)(p->kv_heads * p->kv_len));
         work.block_bad = (uint8_t *)malloc((size_t)(p->kv_heads * work.nblk));
         if (!work.panel_id || !work.panel_map || !work.vconv || !work.key_bad || !work.block_bad) rc = LAMPE_ERR_NOMEM;

@@ -14,10 +14,11 @@
  *   3 rotate_queries    queries rotated and scaled per slot (a NaN/inf query poisons its row)
  *   4 list_blocks       the (slot, key block) list a split-KV chunk takes its share of
  *   5 load_block_*      the three key-block loaders: panel (prefill panels packed once per call
- *                       by attn_pack), pack (rotate + transpose per block), direct (one query
- *                       position: scores keys as it reads them); values with load_block_values
- *   6 score_block       S = Q . K^T with the register-blocked micro-kernel
- *   7 softmax_update    soft-cap, mask, online max/sum/rescale, exponentiate; then pv_rows, O += P V
+ *                       by attn_pack), pack (rotate into the tile layout per block), direct (one
+ *                       query position: scores keys as it reads them); values with load_block_values
+ *   6-7 run_block       one key block through the tile (attn_tiles.h): S = Q . K^T with the
+ *                       register-blocked (or VDPBF16PS / AMX) micro-kernels, soft-cap, mask, the
+ *                       lazy online softmax, O += P . V
  *   8 write_rows        O / sum and LSE into the outputs, or write_partial for split-KV, whose
  *                       last chunk to finish a tile runs
  *   9 merge_tile        the log-sum-exp merge of the tile's chunks
@@ -30,115 +31,9 @@
 
 #include "../core/attention.h"
 
-#if LAMPE_LEVEL == 0
-#define QK_MR 4
-#elif LAMPE_LEVEL == 1
-#define QK_MR 6
-#else
-#define QK_MR 8
-#endif
-#define QK_NR (2 * VW)
 #define BK LAMPE_ATTN_BK
-#define LDK LAMPE_ATTN_LDK
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
-
-/* S[r][j] = <Q[r], K[:, j]> for QK_MR rows and nkp keys (a multiple of QK_NR), K packed [d][LDK]. */
-static inline void qk_block(const float *Q, int64_t D, const float *Kp, float *S, int64_t nkp)
-{
-    for (int64_t j = 0; j < nkp; j += QK_NR) {
-        vf a0[QK_MR], a1[QK_MR];
-#pragma GCC unroll 8
-        for (int r = 0; r < QK_MR; r++) a0[r] = a1[r] = v_zero();
-        const float *kp = Kp + j;
-        for (int64_t d = 0; d < D; d++) {
-            const vf k0 = v_load(kp + d * LDK), k1 = v_load(kp + d * LDK + VW);
-#pragma GCC unroll 8
-            for (int r = 0; r < QK_MR; r++) {
-                const vf q = v_set1(Q[r * D + d]);
-                a0[r] = v_fma(q, k0, a0[r]);
-                a1[r] = v_fma(q, k1, a1[r]);
-            }
-        }
-#pragma GCC unroll 8
-        for (int r = 0; r < QK_MR; r++) {
-            v_store(S + r * BK + j, a0[r]);
-            v_store(S + r * BK + j + VW, a1[r]);
-        }
-    }
-}
-
-/* O[r][d0:d0+2VW] += P[r] . V[:, d0:d0+2VW] for 4 rows over nk keys (V rows ldv floats apart). */
-static inline void pv4_chunk(float *const *P, float *const *O, const float *V, int64_t ldv, int64_t d0, int64_t nk)
-{
-    vf a[4][2];
-#pragma GCC unroll 4
-    for (int r = 0; r < 4; r++) a[r][0] = v_load(O[r] + d0), a[r][1] = v_load(O[r] + d0 + VW);
-    const float *vr = V + d0;
-    for (int64_t j = 0; j < nk; j++, vr += ldv) {
-        const vf v0 = v_load(vr), v1 = v_load(vr + VW);
-#pragma GCC unroll 4
-        for (int r = 0; r < 4; r++) {
-            const vf p = v_set1(P[r][j]);
-            a[r][0] = v_fma(p, v0, a[r][0]);
-            a[r][1] = v_fma(p, v1, a[r][1]);
-        }
-    }
-#pragma GCC unroll 4
-    for (int r = 0; r < 4; r++) v_store(O[r] + d0, a[r][0]), v_store(O[r] + d0 + VW, a[r][1]);
-}
-
-static inline void pv1(const float *P, float *O, const float *V, int64_t ldv, int64_t D, int64_t nk);
-
-/* O[r] += P[r] . V for the active rows. The d-chunk loop is outermost so each V column slab
- * (nk x 2VW floats) stays in L1 while every row group uses it. */
-static inline void pv_rows(const float *S, float *O, const int32_t *active, int64_t nact, const float *V, int64_t ldv,
-                           int64_t D, int64_t nk)
-{
-    const int64_t n4 = nact / 4 * 4, Dv = D / (2 * VW) * (2 * VW);
-    for (int64_t d0 = 0; d0 < Dv; d0 += 2 * VW)
-        for (int64_t a = 0; a < n4; a += 4) {
-            float *Pr[4], *Or[4];
-            for (int i = 0; i < 4; i++) Pr[i] = (float *)S + active[a + i] * BK, Or[i] = O + active[a + i] * D;
-            pv4_chunk(Pr, Or, V, ldv, d0, nk);
-        }
-    if (Dv < D) /* head dims that are not a multiple of 2VW: the rest, row by row */
-        for (int64_t a = 0; a < n4; a++) {
-            const float *Pr = S + active[a] * BK;
-            float *Or = O + active[a] * D;
-            for (int64_t d = Dv; d < D; d++) {
-                float acc = Or[d];
-                for (int64_t j = 0; j < nk; j++) acc += Pr[j] * V[j * ldv + d];
-                Or[d] = acc;
-            }
-        }
-    for (int64_t a = n4; a < nact; a++) pv1(S + active[a] * BK, O + active[a] * D, V, ldv, D, nk);
-}
-
-static inline void pv1(const float *P, float *O, const float *V, int64_t ldv, int64_t D, int64_t nk)
-{
-    int64_t d = 0;
-    for (; d + 4 * VW <= D; d += 4 * VW) {
-        vf a0 = v_load(O + d), a1 = v_load(O + d + VW), a2 = v_load(O + d + 2 * VW), a3 = v_load(O + d + 3 * VW);
-        const float *vr = V + d;
-        for (int64_t j = 0; j < nk; j++, vr += ldv) {
-            const vf p = v_set1(P[j]);
-            a0 = v_fma(p, v_load(vr), a0); a1 = v_fma(p, v_load(vr + VW), a1);
-            a2 = v_fma(p, v_load(vr + 2 * VW), a2); a3 = v_fma(p, v_load(vr + 3 * VW), a3);
-        }
-        v_store(O + d, a0); v_store(O + d + VW, a1); v_store(O + d + 2 * VW, a2); v_store(O + d + 3 * VW, a3);
-    }
-    for (; d + VW <= D; d += VW) {
-        vf a = v_load(O + d);
-        for (int64_t j = 0; j < nk; j++) a = v_fma(v_set1(P[j]), v_load(V + j * ldv + d), a);
-        v_store(O + d, a);
-    }
-    for (; d < D; d++) {
-        float a = O[d];
-        for (int64_t j = 0; j < nk; j++) a += P[j] * V[j * ldv + d];
-        O[d] = a;
-    }
-}
 
 /* cos/sin for one position: from the cached table when it covers pos, else computed. */
 static inline void attn_angles(const lampe_attn_params *p, int64_t pos, float amp, float *c, float *s)
@@ -202,23 +97,68 @@ static inline int load_row_finite(int dtype, const void *src, float *dst, int64_
     return 0;
 }
 
-/* Rotate one key row by position kpos and store it as column `col` of a [D][LDK] panel; returns
- * 0 (and stores zeros) when the key is not finite. */
-static inline int pack_key(const lampe_attn_params *p, const char *src, int64_t kpos, float *col, float *row,
-                           float *cs, float *sn)
+/* One key row converted to float32 and rotated by position kpos into `row`; returns 0 (and
+ * leaves zeros) when the key is not finite. */
+static inline int rotated_key(const lampe_attn_params *p, const char *src, int64_t kpos, float *row, float *cs,
+                              float *sn)
 {
-    const int64_t D = p->head_dim;
-    const int ok = load_row_finite(p->dtype, src, row, D);
+    const int ok = load_row_finite(p->dtype, src, row, p->head_dim);
     attn_angles(p, kpos, 1.0f, cs, sn);
     rope_row_f32(row, cs, sn, p->rotary_dim / 2, p->layout);
-    for (int64_t d = 0; d < D; d++) col[d * LDK] = row[d];
     return ok;
+}
+
+/* bf16 inputs run the bf16 tiles (VDPBF16PS or AMX) on the bf16 levels; everything else float32. */
+static inline int use_bf16_tiles(const lampe_attn_params *p)
+{
+#ifdef TILE_BF16
+    return p->dtype == LAMPE_BF16;
+#else
+    (void)p;
+    return 0;
+#endif
+}
+
+/* Key / value jj of a block in the tile layout of the path (row NULL: zeros). */
+static inline void pack_key_tile(void *kblk, int bf, int64_t jj, const float *row, int64_t D)
+{
+#ifdef TILE_BF16
+    if (bf) {
+        tiles_pack_key_bf16((uint16_t *)kblk, jj, row, D);
+        return;
+    }
+#endif
+    (void)bf;
+    tiles_pack_key_f32((float *)kblk, jj, row, D);
+}
+
+static inline void pack_value_tile(void *vblk, int bf, int64_t jj, const float *row, int64_t D)
+{
+#ifdef TILE_BF16
+    if (bf) {
+        tiles_pack_value_bf16((uint16_t *)vblk, jj, row, D);
+        return;
+    }
+#endif
+    (void)bf;
+    tiles_pack_value_f32((float *)vblk, jj, row, D);
+}
+
+/* Block `blk` of KV head kvh in the prefill panels (see lampe_attn_work). */
+static inline float *panel_keys(const lampe_attn_work *w, int mapped, int64_t kvh, int64_t blk)
+{
+    return (mapped ? w->panel_map : w->panel_id) + (kvh * w->nblk + blk) * lampe_attn_kblock_floats(w->p->head_dim);
+}
+static inline float *panel_values(const lampe_attn_work *w, int64_t kvh, int64_t blk)
+{
+    return w->vconv + (kvh * w->nblk + blk) * BK * w->ldv;
 }
 
 /*
  * Prefill panels of batch row work->panel_b: item = (kind, kv head, block), kind 0 keys at their
- * true positions, 1 keys at mapped positions m[j] (prompt rows), 2 values converted to float32.
- * Keys no prompt row can see in that rotation are zeros.
+ * true positions, 1 keys at mapped positions m[j] (prompt rows), 2 values; in the tile layout of
+ * the path (attn_tiles.h). Keys no prompt row can see in that rotation, and slots past the last
+ * key, are zeros.
  */
 static void attn_pack(const lampe_attn_work *work, int64_t item, float *scratch)
 {
@@ -230,45 +170,45 @@ static void attn_pack(const lampe_attn_work *work, int64_t item, float *scratch)
     const lampe_plan *plan = p->seqs[b].plan;
     const size_t es = dtype_size(p->dtype);
     const int64_t k0 = blk * BK, k1 = k0 + BK < p->kv_len ? k0 + BK : p->kv_len;
+    const int bf = use_bf16_tiles(p);
     lampe_attn_scratch sc;
-    lampe_attn_scratch_carve(&sc, scratch, work->max_rows + LAMPE_ATTN_ROW_PAD, D, work->ldv);
+    lampe_attn_scratch_carve(&sc, scratch, lampe_attn_scratch_rows(work->max_rows), D, work->ldv);
     float *cs = sc.cos, *sn = sc.sin, *row = sc.row;
     uint8_t *bad = work->key_bad + kvh * p->kv_len;
     if (kind == 2) {
         const char *vbase = (const char *)p->v;
+        float *vb = panel_values(work, kvh, blk);
         int any = 0;
-        for (int64_t j = k0; j < k1; j++) {
-            float *dst = work->vconv + (kvh * p->kv_len + j) * work->ldv;
-            if (j - off < 0 || j - off >= count) { /* never attended */
-                memset(dst, 0, (size_t)D * 4);
-                continue;
-            }
-            if (!load_row_finite(p->dtype, vbase + (size_t)(b * p->v_stride[0] + kvh * p->v_stride[1] + j * p->v_stride[2]) * es,
-                                 dst, D)) {
+        for (int64_t jj = 0; jj < BK; jj++) {
+            const int64_t j = k0 + jj;
+            const int attended = j < k1 && j - off >= 0 && j - off < count;
+            if (attended &&
+                !load_row_finite(p->dtype, vbase + (size_t)(b * p->v_stride[0] + kvh * p->v_stride[1] + j * p->v_stride[2]) * es,
+                                 row, D)) {
                 bad[j] |= 2;
                 any = 1;
             }
+            pack_value_tile(vb, bf, jj, attended ? row : NULL, D);
         }
         work->block_bad[kvh * nb + blk] |= (uint8_t)any;
         return;
     }
-    float *panel = (kind ? work->panel_map : work->panel_id) + (kvh * nb + blk) * D * LDK;
+    float *kb = panel_keys(work, (int)kind, kvh, blk);
     const char *kbase = (const char *)p->k;
     int any = 0;
     for (int64_t jj = 0; jj < BK; jj++) {
         const int64_t j = k0 + jj, jl = j - off;
         const int visible = j < k1 && jl >= 0 && jl < count && (kind == 0 || jl < plan->length);
         if (j < k1 && kind == 0) bad[j] = 0;
-        if (!visible) {
-            for (int64_t d = 0; d < D; d++) panel[d * LDK + jj] = 0.0f;
-            continue;
+        if (visible) {
+            const int ok = rotated_key(p, kbase + (size_t)(b * p->k_stride[0] + kvh * p->k_stride[1] + j * p->k_stride[2]) * es,
+                                       kind ? plan->mapped_ids[jl] : jl, row, cs, sn);
+            if (!ok && kind == 0) {
+                bad[j] = 1;
+                any = 1;
+            }
         }
-        const int ok = pack_key(p, kbase + (size_t)(b * p->k_stride[0] + kvh * p->k_stride[1] + j * p->k_stride[2]) * es,
-                                kind ? plan->mapped_ids[jl] : jl, panel + jj, row, cs, sn);
-        if (!ok && kind == 0) {
-            bad[j] = 1;
-            any = 1;
-        }
+        pack_key_tile(kb, bf, jj, visible ? row : NULL, D);
     }
     if (kind == 0) work->block_bad[kvh * nb + blk] = (uint8_t)any;
 }
@@ -331,13 +271,6 @@ static inline void dot_rows(const float *Q, int64_t G, const float *k, int64_t D
     }
 }
 
-/* S[j] = c2 * tanh(S[j] / c2) for n lanes (a multiple of VW). */
-static inline void softcap_row(float *S, int64_t n, float c2)
-{
-    const vf inv = v_set1(1.0f / c2), c = v_set1(c2);
-    for (int64_t j = 0; j < n; j += VW) v_store(S + j, v_mul(v_tanh(v_mul(v_load(S + j), inv)), c));
-}
-
 /* ------------------------------------------------------------------ one work item, step by step */
 
 /* Where the rows of a tile look in one slot (local, map, sink; slot 0 also holds "full" rows):
@@ -356,21 +289,23 @@ typedef struct attn_ctx {
     const lampe_attn_params *p;
     const lampe_plan *plan;
     lampe_attn_scratch sc;
+    tile_state ts; /* the online softmax of the tile's rows (attn_tiles.h) */
     slot_rows slots[3];
-    int64_t item, b, kvh, t0, npos, M, Mp, D, G, n2, off;
+    int64_t item, b, kvh, t0, npos, M, Mp, D, Dk, G, n2, off;
     size_t es;
     float qamp, qscale, cap2; /* query amplitude (s^2 for LaMPE rows), scale * log2(e), softcap * log2(e) */
     int capped, use_panels, direct;
+    int bf; /* bf16 tiles: bf16 inputs on a bf16 level, prompt rows (decode rows read keys as stored) */
     int64_t cur_kpos; /* direct mode: the key position (and slot) q_direct is rotated back by */
     int cur_slot;
 } attn_ctx;
 
-/* One key block of one slot: keys k0..k1-1, rotated and transposed (Kb) or, in direct mode,
- * already scored; values as float32 rows ldv apart (Vr); keys whose key or value row is not
+/* One key block of one slot: keys k0..k1-1, rotated, in the tile layout of the path (Kb) or, in
+ * direct mode, already scored; values in the tile layout (Vb); keys whose key or value row is not
  * finite (bad[0..nbad-1], stored as zeros). */
 typedef struct attn_block {
     int64_t k0, k1, nbad;
-    const float *Kb, *Vr;
+    const void *Kb, *Vb;
 } attn_block;
 
 static const char *k_row(const attn_ctx *c, int64_t j)
@@ -400,7 +335,7 @@ static void begin_item(attn_ctx *c, const lampe_attn_work *work, int64_t item, f
     c->G = work->group;
     c->n2 = p->rotary_dim / 2;
     c->M = c->npos * c->G;
-    c->Mp = (c->M + QK_MR - 1) / QK_MR * QK_MR;
+    c->Mp = tiles_rows(c->M); /* rows padded to every micro-kernel height */
     c->off = p->seqs[c->b].key_offset;
     c->plan = p->seqs[c->b].plan;
     c->es = dtype_size(p->dtype);
@@ -412,9 +347,11 @@ static void begin_item(attn_ctx *c, const lampe_attn_work *work, int64_t item, f
     c->cap2 = p->softcap * LOG2E;
     c->use_panels = (int)tile->panel;
     c->direct = c->npos == 1 && !c->use_panels;
+    c->bf = use_bf16_tiles(p) && !c->direct;
+    c->Dk = (c->D + 31) / 32 * 32;
     c->cur_kpos = INT64_MIN;
     c->cur_slot = -1;
-    lampe_attn_scratch_carve(&c->sc, scratch, work->max_rows + LAMPE_ATTN_ROW_PAD, c->D, work->ldv);
+    lampe_attn_scratch_carve(&c->sc, scratch, lampe_attn_scratch_rows(work->max_rows), c->D, work->ldv);
 }
 
 /* Step 1, regions: each row's key ranges per slot, from its plan (or the full causal range), cut
@@ -464,12 +401,10 @@ static void collect_regions(attn_ctx *c)
 /* Step 2, the online softmax starts empty: O = 0, max = -inf, sum = 0, no row poisoned. */
 static void reset_rows(attn_ctx *c)
 {
-    memset(c->sc.o, 0, (size_t)(c->Mp * c->D) * 4);
-    for (int64_t r = 0; r < c->Mp; r++) {
-        c->sc.m[r] = -INFINITY;
-        c->sc.l[r] = 0.0f;
-        c->sc.poisoned[r] = 0;
-    }
+    tiles_bind(&c->ts, c->M, c->G, c->D, c->bf, c->sc.scores, c->sc.o, c->sc.m, c->sc.l, c->sc.p_bf16, c->sc.act);
+    for (int64_t r = 0; r < c->Mp; r++) c->sc.poisoned[r] = 0;
+    c->ts.skip = c->sc.poisoned; /* poisoned rows are left alone */
+    c->ts.cap2 = c->capped ? c->cap2 : 0.0f;
 }
 
 /* Step 3, query rotation per slot: every query once per slot it has keys in, times scale * log2e
@@ -499,6 +434,15 @@ static void rotate_queries(attn_ctx *c)
                 for (int64_t d = 0; d < D; d++) qr[d] *= c->qscale;
             }
         }
+#ifdef TILE_BF16
+        if (c->bf) { /* the bf16 tiles read them rounded once, head dim padded to 32 with zeros */
+            uint16_t *Qb = c->sc.q_bf16[s];
+            for (int64_t r = 0; r < c->Mp; r++) {
+                cvt_row_f32_to_bf16(Q + r * D, Qb + r * c->Dk, D);
+                for (int64_t d = D; d < c->Dk; d++) Qb[r * c->Dk + d] = 0;
+            }
+        }
+#endif
     }
 }
 
@@ -531,8 +475,8 @@ static void load_block_panel(const attn_ctx *c, int s, int64_t pb, attn_block *k
     const int64_t Lk = c->p->kv_len;
     kb->k0 = pb * BK;
     kb->k1 = kb->k0 + BK < Lk ? kb->k0 + BK : Lk;
-    kb->Kb = (c->slots[s].mapped ? w->panel_map : w->panel_id) + (c->kvh * w->nblk + pb) * c->D * LDK;
-    kb->Vr = w->vconv + (c->kvh * Lk + kb->k0) * w->ldv;
+    kb->Kb = panel_keys(w, c->slots[s].mapped, c->kvh, pb);
+    kb->Vb = panel_values(w, c->kvh, pb);
     kb->nbad = 0;
     if (w->block_bad[c->kvh * w->nblk + pb])
         for (int64_t j = kb->k0; j < kb->k1; j++)
@@ -548,31 +492,33 @@ static void block_range(const attn_ctx *c, int s, int64_t blk, attn_block *kb)
     kb->nbad = 0;
 }
 
-/* Values into a padded float32 block: sequential reads from memory, and P.V's column slabs then
- * stay in L1 without set conflicts. A value row holding NaN or inf is stored as zeros, flagged. */
-static void load_block_values(const attn_ctx *c, attn_block *kb)
+/* Values of the block in the tile layout (zeros past its keys). A value row holding NaN or inf is
+ * stored as zeros, flagged. */
+static void load_block_values(attn_ctx *c, attn_block *kb)
 {
-    const int64_t ldv = c->work->ldv;
-    for (int64_t j = kb->k0; j < kb->k1; j++)
-        if (!load_row_finite(c->p->dtype, v_row(c, j), c->sc.v_block + (j - kb->k0) * ldv, c->D)) c->sc.bad[kb->nbad++] = j;
-    kb->Vr = c->sc.v_block;
+    for (int64_t jj = 0; jj < BK; jj++) {
+        const int64_t j = kb->k0 + jj;
+        if (j < kb->k1 && !load_row_finite(c->p->dtype, v_row(c, j), c->sc.row, c->D)) c->sc.bad[kb->nbad++] = j;
+        pack_value_tile(c->sc.v_block, c->bf, jj, j < kb->k1 ? c->sc.row : NULL, c->D);
+    }
+    kb->Vb = c->sc.v_block;
 }
 
-/* Step 5b, pack loader: rotate each key by this slot's key position and store it transposed
- * (the Q.K^T micro-kernel's panel), zero columns past the block's keys. */
+/* Step 5b, pack loader: rotate each key by this slot's key position into the tile layout, zeros
+ * past the block's keys. */
 static void load_block_pack(attn_ctx *c, int s, int64_t blk, attn_block *kb)
 {
     const slot_rows *sr = &c->slots[s];
-    const int64_t D = c->D;
-    float *Kp = c->sc.k_block;
     block_range(c, s, blk, kb);
-    for (int64_t j = kb->k0; j < kb->k1; j++) {
-        const int64_t kpos = sr->mapped ? c->plan->mapped_ids[j - c->off - sr->shift] : j - c->off;
-        if (!pack_key(c->p, k_row(c, j), kpos, Kp + (j - kb->k0), c->sc.row, c->sc.cos, c->sc.sin)) c->sc.bad[kb->nbad++] = j;
+    for (int64_t jj = 0; jj < BK; jj++) {
+        const int64_t j = kb->k0 + jj;
+        if (j < kb->k1) {
+            const int64_t kpos = sr->mapped ? c->plan->mapped_ids[j - c->off - sr->shift] : j - c->off;
+            if (!rotated_key(c->p, k_row(c, j), kpos, c->sc.row, c->sc.cos, c->sc.sin)) c->sc.bad[kb->nbad++] = j;
+        }
+        pack_key_tile(c->sc.k_block, c->bf, jj, j < kb->k1 ? c->sc.row : NULL, c->D);
     }
-    for (int64_t d = 0; d < D; d++)
-        for (int64_t jj = kb->k1 - kb->k0; jj < BK; jj++) Kp[d * LDK + jj] = 0.0f;
-    kb->Kb = Kp;
+    kb->Kb = c->sc.k_block;
     load_block_values(c, kb);
 }
 
@@ -661,67 +607,16 @@ static void poison_rows(attn_ctx *c, int s, const attn_block *kb)
             if (c->sc.bad[e] >= sr->lo[r / c->G] && c->sc.bad[e] <= sr->hi[r / c->G]) c->sc.poisoned[r] = 1;
 }
 
-/* Step 6, scores: S = Q . K^T for every row block that meets this key block. */
-static void score_block(attn_ctx *c, int s, const attn_block *kb, int64_t nkp)
+/* Steps 6-7, one key block through the tile (attn_tiles.h): S = Q . K^T for the row groups that
+ * meet it (direct mode scored it while loading), soft-cap, mask each row to its range, the lazy
+ * online softmax, O += P . V; poisoned rows are left alone. */
+static void run_block(attn_ctx *c, int s, const attn_block *kb)
 {
     const slot_rows *sr = &c->slots[s];
-    const float *Q = c->sc.q_slot[s];
-    for (int64_t r0 = 0; r0 < c->M; r0 += QK_MR) {
-        int meets = 0;
-        for (int64_t r = r0; r < r0 + QK_MR && r < c->M && !meets; r++) {
-            const int64_t pi = r / c->G;
-            meets = sr->lo[pi] < kb->k1 && sr->hi[pi] >= kb->k0 && !c->sc.poisoned[r];
-        }
-        if (meets) qk_block(Q + r0 * c->D, c->D, kb->Kb, c->sc.scores + r0 * BK, nkp);
-    }
-}
-
-/* Step 7, online softmax update (log2 units): soft-cap, mask keys outside each row's range with
- * -inf, raise the running max, rescale the sum and O, exponentiate. Returns the rows the block
- * updates (listed in sc.active) for P.V. Finite inputs whose logits are all -inf overflowed. */
-static int64_t softmax_update(attn_ctx *c, int s, const attn_block *kb, int64_t nkp)
-{
-    const slot_rows *sr = &c->slots[s];
-    const int64_t nk = kb->k1 - kb->k0, D = c->D;
-    float *mrow = c->sc.m, *lrow = c->sc.l;
-    int64_t nact = 0;
-    for (int64_t r = 0; r < c->M; r++) {
-        const int64_t pi = r / c->G;
-        const int64_t lo = sr->lo[pi] > kb->k0 ? sr->lo[pi] - kb->k0 : 0;
-        const int64_t hi = sr->hi[pi] < kb->k1 - 1 ? sr->hi[pi] - kb->k0 : nk - 1;
-        if (lo > hi || c->sc.poisoned[r]) continue;
-        float *Sr = c->sc.scores + r * BK;
-        if (c->capped) softcap_row(Sr, nkp, c->cap2);
-        for (int64_t jj = 0; jj < lo; jj++) Sr[jj] = -INFINITY;
-        for (int64_t jj = hi + 1; jj < nkp; jj++) Sr[jj] = -INFINITY;
-        vf vm = v_set1(-INFINITY);
-        for (int64_t jj = 0; jj < nkp; jj += VW) vm = v_max(vm, v_load(Sr + jj));
-        const float mx = v_hmax(vm);
-        const float mnew = mx > mrow[r] ? mx : mrow[r];
-        if (mnew == -INFINITY) { /* every logit -inf: finite inputs overflowed */
-            atomic_store(c->work->overflow, 1);
-            continue;
-        }
-        const float alpha = mrow[r] == -INFINITY ? 0.0f : exp2f(mrow[r] - mnew);
-        const vf vmn = v_set1(mnew);
-        vf vs = v_zero();
-        for (int64_t jj = 0; jj < nkp; jj += VW) {
-            const vf e = v_exp2(v_sub(v_load(Sr + jj), vmn));
-            v_store(Sr + jj, e);
-            vs = v_add(vs, e);
-        }
-        lrow[r] = lrow[r] * alpha + v_hsum(vs);
-        if (alpha != 1.0f) {
-            float *Or = c->sc.o + r * D;
-            const vf va = v_set1(alpha);
-            int64_t d = 0;
-            for (; d + VW <= D; d += VW) v_store(Or + d, v_mul(v_load(Or + d), va));
-            for (; d < D; d++) Or[d] *= alpha;
-        }
-        mrow[r] = mnew;
-        c->sc.active[nact++] = (int32_t)r;
-    }
-    return nact;
+    if (c->direct)
+        tiles_block_scored(&c->ts, kb->Vb, kb->k0, kb->k1 - kb->k0, sr->lo, sr->hi);
+    else
+        tiles_block(&c->ts, c->sc.q_slot[s], c->sc.q_bf16[s], kb->Kb, kb->Vb, kb->k0, kb->k1 - kb->k0, sr->lo, sr->hi);
 }
 
 /* Store one output row (float32 O, normalised) and its LSE (natural log). */
@@ -739,9 +634,9 @@ static void write_rows(attn_ctx *c)
 {
     for (int64_t r = 0; r < c->M; r++) {
         const int64_t pi = r / c->G, h = c->kvh * c->G + r % c->G;
-        float *Or = c->sc.o + r * c->D;
+        float *Or = c->ts.O + r * c->ts.ldo;
         const int poisoned = c->sc.poisoned[r];
-        const float l = c->sc.l[r];
+        const float l = tiles_row_sum(&c->ts, r);
         const float inv = l > 0.0f ? 1.0f / l : 0.0f;
         for (int64_t d = 0; d < c->D; d++) Or[d] = poisoned ? NAN : Or[d] * inv;
         store_row(c->p, c->b, h, c->t0 + pi, Or, poisoned ? NAN : l > 0.0f ? (c->sc.m[r] + log2f(l)) * LN2 : -INFINITY);
@@ -795,10 +690,10 @@ static void write_partial(attn_ctx *c)
     const lampe_attn_work *w = c->work;
     float *po = w->part_o + c->item * w->max_rows * c->D;
     float *pml = w->part_ml + c->item * w->max_rows * 2;
-    memcpy(po, c->sc.o, (size_t)(c->M * c->D) * 4);
     for (int64_t r = 0; r < c->M; r++) {
-        pml[2 * r] = c->sc.poisoned[r] ? NAN : c->sc.m[r];
-        pml[2 * r + 1] = c->sc.l[r];
+        memcpy(po + r * c->D, c->ts.O + r * c->ts.ldo, (size_t)c->D * 4);
+        pml[2 * r] = c->sc.poisoned[r] ? NAN : c->ts.m[r];
+        pml[2 * r + 1] = tiles_row_sum(&c->ts, r);
     }
     const int64_t ti = c->item / w->nchunks;
     if (atomic_fetch_add_explicit(&w->tile_done[ti], 1, memory_order_acq_rel) == w->nchunks - 1)
@@ -817,6 +712,9 @@ static void attn_item(const lampe_attn_work *work, int64_t item, float *scratch)
     const int64_t total = list_blocks(&c, first, nblk), chunk = item % work->nchunks;
     const int64_t cb0 = total * chunk / work->nchunks, cb1 = total * (chunk + 1) / work->nchunks;
     int64_t idx = 0;
+#ifdef TILE_AMX
+    if (c.bf) tiles_amx_begin(); /* the tile configuration is per thread */
+#endif
     for (int s = 0; s < 3; s++) {
         for (int64_t blk = 0; blk < nblk[s]; blk++, idx++) {
             if (idx < cb0 || idx >= cb1) continue;
@@ -828,16 +726,17 @@ static void attn_item(const lampe_attn_work *work, int64_t item, float *scratch)
             else
                 load_block_pack(&c, s, blk, &kb);
             if (kb.nbad) poison_rows(&c, s, &kb);
-            const int64_t nk = kb.k1 - kb.k0, nkp = (nk + QK_NR - 1) / QK_NR * QK_NR;
-            if (!c.direct) score_block(&c, s, &kb, nkp); /* direct mode scored while loading */
-            const int64_t nact = softmax_update(&c, s, &kb, nkp);
-            pv_rows(c.sc.scores, c.sc.o, c.sc.active, nact, kb.Vr, work->ldv, c.D, nk); /* step 7': O += P . V */
+            run_block(&c, s, &kb);
         }
     }
-    /* A sum that is not finite means a logit of finite inputs overflowed (NaN or inf inputs poison
-     * their rows instead and never reach the sums). */
+#ifdef TILE_AMX
+    if (c.bf) tiles_amx_end();
+#endif
+    /* All logits -inf in a row, or a sum that is not finite, means a logit of finite inputs
+     * overflowed (NaN or inf inputs poison their rows instead and never reach the sums). */
+    if (c.ts.overflow) atomic_store(work->overflow, 1);
     for (int64_t r = 0; r < c.M; r++)
-        if (!c.sc.poisoned[r] && !(c.sc.l[r] < INFINITY)) atomic_store(work->overflow, 1);
+        if (!c.sc.poisoned[r] && !(tiles_row_sum(&c.ts, r) < INFINITY)) atomic_store(work->overflow, 1);
     if (work->nchunks > 1)
         write_partial(&c);
     else

@@ -343,12 +343,52 @@ typedef struct tile_state {
     float *l;         /* [Mp][VW] running sums, vector per row    */
     uint16_t *Pb;     /* [Mp][TBK] P in bf16 (bf16 path)          */
     uint8_t *act;     /* [Mp] row sees keys of the current block  */
+    const int32_t *skip; /* [M] rows to leave alone (poisoned), or NULL */
+    float cap2;       /* logit soft-cap in log2 units (0: none)   */
+    int overflow;     /* an active row's logits were all -inf     */
 } tile_state;
 
-/* Floats of scratch tiles_init needs for up to M rows of head dim D. */
+static inline int64_t tiles_rows(int64_t M) { return (M + TILE_ROW_ALIGN - 1) / TILE_ROW_ALIGN * TILE_ROW_ALIGN; }
+
+/* O row stride of a path (the caller's O must hold tiles_rows(M) rows of it). */
+static inline int64_t tiles_ldo(int64_t D, int bf16)
+{
+#ifdef TILE_BF16
+    if (bf16) return tiles_dv16(D);
+#endif
+    (void)bf16;
+    return tiles_dv(D);
+}
+
+/* Point the state at the caller's arrays (sized for tiles_rows(M) rows) and start it empty. */
+static inline void tiles_bind(tile_state *t, int64_t M, int64_t G, int64_t D, int bf16, float *S, float *O, float *m,
+                              float *l, uint16_t *Pb, uint8_t *act)
+{
+    t->D = D;
+    t->M = M;
+    t->G = G;
+    t->Mp = tiles_rows(M);
+    t->bf16 = bf16;
+    t->ldo = tiles_ldo(D, bf16);
+    t->S = S;
+    t->O = O;
+    t->m = m;
+    t->l = l;
+    t->Pb = Pb;
+    t->act = act;
+    t->skip = NULL;
+    t->cap2 = 0.0f;
+    t->overflow = 0;
+    memset(t->O, 0, (size_t)(t->Mp * t->ldo) * 4);
+    memset(t->l, 0, (size_t)(t->Mp * VW) * 4);
+    memset(t->act, 0, (size_t)t->Mp);
+    for (int64_t r = 0; r < t->Mp; r++) t->m[r] = -INFINITY;
+}
+
+/* Floats of one buffer tiles_init lays everything out in (the workbench's way). */
 static inline int64_t tiles_scratch_floats(int64_t M, int64_t D)
 {
-    const int64_t Mp = (M + TILE_ROW_ALIGN - 1) / TILE_ROW_ALIGN * TILE_ROW_ALIGN;
+    const int64_t Mp = tiles_rows(M);
     int64_t ldo = tiles_dv(D);
 #ifdef TILE_BF16
     if (tiles_dv16(D) > ldo) ldo = tiles_dv16(D);
@@ -358,38 +398,34 @@ static inline int64_t tiles_scratch_floats(int64_t M, int64_t D)
 
 static inline void tiles_init(tile_state *t, int64_t M, int64_t G, int64_t D, int bf16, float *scratch)
 {
-    t->D = D;
-    t->M = M;
-    t->G = G;
-    t->Mp = (M + TILE_ROW_ALIGN - 1) / TILE_ROW_ALIGN * TILE_ROW_ALIGN;
-    t->bf16 = bf16;
-    t->ldo = tiles_dv(D);
-#ifdef TILE_BF16
-    if (bf16) t->ldo = tiles_dv16(D);
-#endif
-    t->S = scratch;
-    t->O = t->S + t->Mp * TBK;
-    t->m = t->O + t->Mp * t->ldo;
-    t->l = t->m + t->Mp;
-    t->Pb = (uint16_t *)(t->l + t->Mp * VW);
-    t->act = (uint8_t *)(t->Pb + t->Mp * TBK);
-    memset(t->O, 0, (size_t)(t->Mp * t->ldo) * 4);
-    memset(t->l, 0, (size_t)(t->Mp * VW) * 4);
-    memset(t->act, 0, (size_t)t->Mp);
-    for (int64_t r = 0; r < t->Mp; r++) t->m[r] = -INFINITY;
+    const int64_t Mp = tiles_rows(M);
+    float *S = scratch, *O = S + Mp * TBK, *m = O + Mp * tiles_ldo(D, bf16), *l = m + Mp;
+    uint16_t *Pb = (uint16_t *)(l + Mp * VW);
+    tiles_bind(t, M, G, D, bf16, S, O, m, l, Pb, (uint8_t *)(Pb + Mp * TBK));
 }
 
 /* Online softmax of the active rows over one block; lo/hi: the row's visible keys, block-local
  * (inclusive; lo > hi when it sees none). Writes P over the scores (and rounded into Pb). */
+static inline void tiles_zero_row(tile_state *t, int64_t r);
+
 static inline void tiles_softmax_row(tile_state *t, int64_t r, int64_t lo, int64_t hi)
 {
     float *Sr = t->S + r * TBK;
+    if (t->cap2 > 0.0f) { /* soft-capping: c2 * tanh(S / c2) (log2 units) */
+        const vf inv = v_set1(1.0f / t->cap2), c = v_set1(t->cap2);
+        for (int64_t jj = 0; jj < TBK; jj += VW) v_store(Sr + jj, v_mul(v_tanh(v_mul(v_load(Sr + jj), inv)), c));
+    }
     for (int64_t jj = 0; jj < lo; jj++) Sr[jj] = -INFINITY;
     for (int64_t jj = hi + 1; jj < TBK; jj++) Sr[jj] = -INFINITY;
     vf vm = v_load(Sr);
     for (int64_t jj = VW; jj < TBK; jj += VW) vm = v_max(vm, v_load(Sr + jj));
     const float mx = v_hmax(vm), mold = t->m[r];
     const float mnew = (mold == -INFINITY || mx > mold + TILE_LAZY) ? (mx > mold ? mx : mold) : mold;
+    if (mnew == -INFINITY) { /* every logit -inf: finite inputs overflowed (the caller reports it) */
+        t->overflow = 1;
+        tiles_zero_row(t, r);
+        return;
+    }
     const vf vmn = v_set1(mnew);
     vf vs = v_zero();
     for (int64_t jj = 0; jj < TBK; jj += VW) {
@@ -429,7 +465,7 @@ static inline int64_t tiles_mark_rows(tile_state *t, int64_t k0, int64_t nk, con
     int64_t first = M, last = -1;
     for (int64_t pi = 0; pi * G < M; pi++) {
         const int meets = lo[pi] < k0 + nk && hi[pi] >= k0 && lo[pi] <= hi[pi];
-        for (int64_t g = 0; g < G; g++) t->act[pi * G + g] = (uint8_t)meets;
+        for (int64_t g = 0; g < G; g++) t->act[pi * G + g] = (uint8_t)(meets && !(t->skip && t->skip[pi * G + g]));
         if (meets) {
             if (pi * G < first) first = pi * G;
             last = pi * G + G - 1;
