@@ -1,5 +1,6 @@
-/* The amx kernels: bf16 products on AMX tiles (TDPBF16PS), the rest as avx512bf16. Compiled with
- * this unit's ISA flags (lampe/_buildflags.py). */
+/* The amx kernels: for bf16 prompt tiles both products on AMX tiles (TDPBF16PS), P rounded with
+ * VCVTNE2PS2BF16; float32/float16 inputs and decode rows as avx512. Compiled with this unit's ISA
+ * flags (lampe/_buildflags.py). */
 #define LAMPE_LEVEL 4
 #include "../core/internal.h"
 #include "simd.h"

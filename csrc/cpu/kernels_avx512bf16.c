@@ -1,5 +1,5 @@
-/* The avx512bf16 kernels: bf16 products with VDPBF16PS, the rest as avx512. Compiled with this
- * unit's ISA flags (lampe/_buildflags.py). */
+/* The avx512bf16 kernels: for bf16 prompt tiles both products with VDPBF16PS; float32/float16
+ * inputs and decode rows as avx512. Compiled with this unit's ISA flags (lampe/_buildflags.py). */
 #define LAMPE_LEVEL 3
 #include "../core/internal.h"
 #include "simd.h"
