@@ -59,7 +59,6 @@ typedef struct lampe_attn_scratch {
     uint8_t *act;     /* [Mp] rows that see keys of the current block                          */
     float *cos, *sin; /* [D] cos/sin of one position                                          */
     float *row;       /* [D] one converted row                                                 */
-    int32_t *active;  /* [Mp] rows the current key block updates                               */
     int32_t *poisoned;/* [Mp] 1: the row attends a NaN or inf input; its output is NaN         */
     int64_t *bad;     /* [2 BK] keys of the current block whose key or value is not finite     */
 } lampe_attn_scratch;
@@ -98,7 +97,6 @@ static inline size_t lampe_attn_scratch_carve(lampe_attn_scratch *s, void *base,
     LAMPE_CARVE(cos, float, D);
     LAMPE_CARVE(sin, float, D);
     LAMPE_CARVE(row, float, D);
-    LAMPE_CARVE(active, int32_t, Mp);
     LAMPE_CARVE(poisoned, int32_t, Mp);
     LAMPE_CARVE(bad, int64_t, 2 * LAMPE_ATTN_BK);
 #undef LAMPE_CARVE
