@@ -82,6 +82,8 @@ def main(argv=None):
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--reps", type=int, help="timed prompt repetitions (default: by call length)")
+    ap.add_argument("--decode-reps", type=int, default=3, help="timed decode runs (default 3; 0 skips decode)")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                    "generate.json"))
@@ -114,14 +116,16 @@ def main(argv=None):
                 h.remove()
 
         res = time_interleaved([("unpatched prompt", prompt_fn(model, ids), patched_off),
-                                ("patched prompt", prompt_fn(model, ids), patched_on)], warmup=1)
+                                ("patched prompt", prompt_fn(model, ids), patched_on)], warmup=1, reps=args.reps)
         ud_s, pd_s = [], []
-        time_interleaved([("unpatched decode", decode_fn(model, ids, args.new_tokens, ud_s), patched_off),
-                          ("patched decode", decode_fn(model, ids, args.new_tokens, pd_s), patched_on)],
-                         warmup=0, reps=3)
+        if args.decode_reps > 0:
+            time_interleaved([("unpatched decode", decode_fn(model, ids, args.new_tokens, ud_s), patched_off),
+                              ("patched decode", decode_fn(model, ids, args.new_tokens, pd_s), patched_on)],
+                             warmup=0, reps=args.decode_reps)
         patched_off()
         up, pp = res["unpatched prompt"]["median_s"], res["patched prompt"]["median_s"]
-        ud, pd = statistics.median(ud_s), statistics.median(pd_s)
+        ud = statistics.median(ud_s) if ud_s else float("nan")
+        pd = statistics.median(pd_s) if pd_s else float("nan")
         rows.append(dict(length=L, multiple=mult, prompt_tok_s_unpatched=L / up, prompt_tok_s_patched=L / pp,
                          prompt_ratio=up / pp, decode_ms_unpatched=ud * 1e3, decode_ms_patched=pd * 1e3,
                          decode_ratio=pd / ud, clean=bool(res["patched prompt"]["clean"] and
