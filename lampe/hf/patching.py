@@ -4,50 +4,46 @@ How it hooks in (see docs/patching.md for the reasons):
 - a "lampe" attention function (and a pass-through mask function) is registered with
   transformers' AttentionInterface / AttentionMaskInterface and selected with
   set_attn_implementation; the previous implementation is remembered and restored;
-- a forward hook makes the model's rotary embedding return the identity rotation, so the stock
-  attention forward hands un-rotated q and k to lampe and the cache stores un-rotated keys;
-  lampe rotates with the model's own inv_freq and attention_scaling;
-- a forward pre-hook on each attention module picks up the Cache, where per-row plans live.
+- a forward pre-hook on each global attention layer hands it the identity rotation instead of the
+  model's cos/sin (kept aside for the model's own path), so the cache stores un-rotated keys and
+  lampe rotates with the model's own inv_freq and attention_scaling; sliding-window layers of
+  families built with them (Gemma 2/3) are left untouched;
+- the same pre-hook picks up the Cache, where per-row plans live.
 Nothing is stored at module level except the two registered names: two patched models do not
 share state.
 """
 from __future__ import annotations
 
 import math
+import types
 import weakref
 from typing import Optional
 
+import numpy as np
 import torch
 
-from ..attention import attention as kernel_attention
 from .. import torch_backend
 from ..config import LampeConfig, paper_sizes
+from ..torch_ops import lampe_attention
 from . import compat
+from .families import FAMILIES, ROPE_TYPES, SCALED_ROPE_TYPES, UNSUPPORTED
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_FAMILIES = tuple(FAMILIES)
 ATTN_NAME = {"sdpa": "lampe", "eager": "lampe_eager"}
-
-_UNSUPPORTED_REASON = {
-    "gemma3": "per-layer-type rotary embeddings (local and global RoPE bases)",
-    "gemma3_text": "per-layer-type rotary embeddings (local and global RoPE bases)",
-    "llama4": "NoPE layers (layers without rotary embeddings) and chunked attention",
-    "smollm3": "NoPE layers (layers without rotary embeddings)",
-    "phi": "partial rotary embeddings in its attention",
-    "phi3": "partial rotary embeddings",
-    "gptj": "interleaved rotary embeddings",
-    "gpt_neox": "partial rotary embeddings",
-    "qwen3_next": "linear-attention layers and partial rotary embeddings",
-}
+#: Implementations lampe takes over; a flash-attention model runs sdpa below active_from while
+#: patched (flash kernels are not available to every device) and gets flash back on remove().
+COMPUTE_IMPL = {"sdpa": "sdpa", "eager": "eager", "flash_attention_2": "sdpa", "flash_attention_3": "sdpa"}
+_BASELINES = ("selfextend", "rerope")
 
 
 # ---------------------------------------------------------------------------------------- defaults
 
 
 def pretrained_window(config) -> int:
-    """W: the context the model was pretrained with (spec of issue 4's table)."""
+    """W: the context the model was pretrained with."""
     rtype = compat.rope_type(config)
     rp = compat.rope_parameters(config)
-    if rtype in ("yarn", "linear", "dynamic", "longrope"):
+    if rtype in SCALED_ROPE_TYPES:
         w = rp.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
         if w:
             return int(w)
@@ -81,32 +77,143 @@ def default_config(model_config, **overrides) -> LampeConfig:
 
 
 def _check_family(model):
+    """The family entry, or a NotImplementedError that names what is missing."""
     config = model.config
     family = getattr(config, "model_type", type(model).__name__)
-    if family in _UNSUPPORTED_REASON:
+    if family in UNSUPPORTED:
         raise NotImplementedError(f"lampe.patch: {family} models are not supported: lampe does not handle "
-                                  f"{_UNSUPPORTED_REASON[family]} yet")
-    if family not in SUPPORTED_FAMILIES:
+                                  f"{UNSUPPORTED[family]} yet")
+    if family not in FAMILIES:
         raise NotImplementedError(f"lampe.patch: the {family} family is not supported (supported: "
                                   f"{', '.join(SUPPORTED_FAMILIES)})")
-    if getattr(config, "partial_rotary_factor", 1.0) not in (None, 1, 1.0):
-        raise NotImplementedError(f"lampe.patch: {family} with partial_rotary_factor="
-                                  f"{config.partial_rotary_factor}: partial rotary is not supported in patching yet")
+    fam = FAMILIES[family]
+    if compat.VERSION < fam.min_version:
+        raise NotImplementedError(f"lampe.patch: {fam.name} needs transformers >= "
+                                  f"{'.'.join(map(str, fam.min_version))} (found {'.'.join(map(str, compat.VERSION))}):"
+                                  f" {fam.note}")
     if getattr(config, "no_rope_layers", None) and not all(getattr(config, "no_rope_layers")):
         raise NotImplementedError(f"lampe.patch: {family} with NoPE layers (no_rope_layers) is not supported")
-    if compat.rope_type(config) not in ("default", "llama3", "yarn", "linear", "dynamic", "longrope"):
-        raise NotImplementedError(f"lampe.patch: rope type {compat.rope_type(config)!r} is not supported")
-    rot = compat.rotary_modules(model)
-    if len(rot) != 1:
-        raise NotImplementedError(f"lampe.patch: {family} has {len(rot)} rotary embedding modules; per-layer-type "
-                                  "rotary embeddings are not supported")
-    if not compat.attention_modules(model):
+    if compat.rope_type(config) not in ROPE_TYPES:
+        raise NotImplementedError(f"lampe.patch: rope type {compat.rope_type(config)!r} is not supported (supported: "
+                                  f"{', '.join(ROPE_TYPES)})")
+    modules = compat.attention_modules(model)
+    if not modules:
         raise NotImplementedError(f"lampe.patch: found no attention modules in this {family} model")
-    return rot[0]
+    legacy = [m for m in modules if not compat.uses_attention_interface(type(m))]
+    if legacy:
+        raise NotImplementedError(f"lampe.patch: {type(legacy[0]).__name__} does not use transformers' attention "
+                                  f"interface in transformers {'.'.join(map(str, compat.VERSION))}; upgrade "
+                                  "transformers")
+    return fam, modules
 
 
 def is_patched(model) -> bool:
     return getattr(model, "_lampe_handle", None) is not None
+
+
+# ---------------------------------------------------------------------------------------- state
+
+
+class _Call:
+    """What one attention module's forward received (set by its pre-hook, read by attend)."""
+    __slots__ = ("cache", "position_ids", "cache_position", "cos", "sin")
+
+    def __init__(self, cache, position_ids, cache_position, cos, sin):
+        self.cache, self.position_ids, self.cache_position, self.cos, self.sin = (
+            cache, position_ids, cache_position, cos, sin)
+
+
+class _CacheState:
+    """lampe's state on one Cache: each row's plan (the prompt length its positions were planned
+    from, 0 = none yet; host memory, where plans are made) and each key's position (for the
+    model's own attention below active_from), both following the cache's reorders."""
+
+    def __init__(self):
+        self.plans: Optional[np.ndarray] = None
+        self.kpos: Optional[torch.Tensor] = None
+
+    def select(self, index):
+        """Rows ``index`` (a beam reorder or a batch selection)."""
+        idx = index.detach().to("cpu", torch.long).numpy() if torch.is_tensor(index) else np.asarray(index)
+        if self.plans is not None:
+            self.plans = self.plans[idx]
+        if self.kpos is not None:
+            self.kpos = self.kpos[torch.as_tensor(idx, device=self.kpos.device)]
+
+    def repeat(self, repeats: int):
+        if self.plans is not None:
+            self.plans = np.repeat(self.plans, repeats)
+        if self.kpos is not None:
+            self.kpos = self.kpos.repeat_interleave(repeats, dim=0)
+
+
+# Cache methods wrapped on adopted caches (module-level so a deepcopied cache rebinds them).
+def _cache_update(cache, *args, **kwargs):
+    handle = cache._lampe_handle
+    if not handle.active:
+        raise RuntimeError("this cache holds un-rotated keys written by a lampe-patched model; it cannot "
+                           "be used after handle.remove(): start a new cache")
+    return type(cache).update(cache, *args, **kwargs)
+
+
+def _cache_reorder(cache, beam_idx):
+    type(cache).reorder_cache(cache, beam_idx)
+    cache._lampe_state.select(beam_idx)
+
+
+def _cache_select(cache, indices):
+    type(cache).batch_select_indices(cache, indices)
+    cache._lampe_state.select(indices)
+
+
+def _cache_repeat(cache, repeats):
+    type(cache).batch_repeat_interleave(cache, repeats)
+    cache._lampe_state.repeat(repeats)
+
+
+_CACHE_WRAPPERS = {"update": _cache_update, "reorder_cache": _cache_reorder,
+                   "batch_select_indices": _cache_select, "batch_repeat_interleave": _cache_repeat}
+
+
+class _Layout:
+    """One forward pass of one batch, as every LaMPE layer of it sees it (host metadata, made once
+    per forward by the first layer that needs it).
+
+    Tensor index j of the keys is valid for row b iff the last query row's mask allows it. A row's
+    own positions number its valid keys 0, 1, ... (so padding, static-cache tails and pad ids
+    inside a prompt take no position); ``start[b]`` is the first query row that runs LaMPE
+    (``Tq``: none), ``plan[b]`` the prompt length its plan was made from."""
+
+    def __init__(self, B, Tq, Tk, q0, valid):
+        self.B, self.Tq, self.Tk, self.q0 = B, Tq, Tk, q0
+        self.valid = valid                                      # np.bool_ [B, Tk]
+        self.count = valid.sum(axis=1)                          # valid keys per row
+        self.offset = np.where(self.count > 0, valid.argmax(axis=1), Tk)
+        last = Tk - 1 - valid[:, ::-1].argmax(axis=1)
+        self.holes = (self.count > 0) & (last - self.offset + 1 != self.count)
+        self.past = valid[:, :q0].sum(axis=1) if q0 > 0 else np.zeros(B, dtype=np.int64)
+        self.plan = np.zeros(B, dtype=np.int64)
+        self.start = np.full(B, Tq, dtype=np.int64)
+        self.kpos = None        # [B, Tk] key positions for the model's own attention
+        self.refs = ()
+        self._device = {}
+
+    def own_positions(self, b):
+        """Own position of each query row of row b (-1 for a row whose own key is not valid)."""
+        idx = self.q0 + np.arange(self.Tq)
+        inside = (idx >= 0) & (idx < self.Tk)
+        ranks = np.cumsum(self.valid[b]) - 1
+        pos = np.full(self.Tq, -1, dtype=np.int64)
+        ok = inside.copy()
+        ok[inside] = self.valid[b, idx[inside]]
+        pos[ok] = ranks[idx[ok]]
+        return pos
+
+    def on(self, name, device, make):
+        key = (name, str(device))
+        if key not in self._device:
+            self._device[key] = make()
+        return self._device[key]
 
 
 # ---------------------------------------------------------------------------------------- handle
@@ -115,16 +222,37 @@ def is_patched(model) -> bool:
 class LampeHandle:
     """What :func:`patch` did to a model, and how to undo it (``remove()``)."""
 
-    def __init__(self, model, config: LampeConfig, backend: str, rotary, previous_impl: str):
+    def __init__(self, model, config: LampeConfig, backend: str, family, previous_impl: str):
         self._model = weakref.ref(model)
         self.config = config
         self.backend = backend
-        self.rotary = rotary
+        self.family = family
         self.previous_impl = previous_impl
+        self.compute_impl = COMPUTE_IMPL[previous_impl]
         self.active = False
+        self.layers = {}       # attention module -> compat.Rotary of the LaMPE (global) layers
+        self.local_layers = []  # sliding-window layers left to the model's own attention
         self._hooks = []
         self._restore = []
         self._modules = []
+        self._layout = None
+        self._prompt_index = None  # inside generate(): the input's length (its prompt)
+
+    # -- pickling / deepcopy: a patched model copies like an unpatched one, handle included
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_model"] = self._model()
+        state["_layout"] = None
+        state["_prompt_index"] = None
+        return state
+
+    def __setstate__(self, state):
+        model = state.pop("_model")
+        self.__dict__.update(state)
+        self._model = weakref.ref(model) if model is not None else (lambda: None)
+        if self.active:
+            _register()  # the names must exist in the process that unpickles the model
 
     # -- reporting
 
@@ -139,11 +267,21 @@ class LampeHandle:
             rule = f"sigmoid a={u.a:.4g} b={u.b:.4g} Lmax={u.lmax:.4g}"
         model = self._model()
         dev = {str(p.device) for p in model.parameters()} if model is not None else set()
-        backends = {d: ("C kernel" if d == "cpu" and self.backend in ("auto", "c") else "torch") for d in sorted(dev)}
+        backends = {d: self._backend_name(torch.device(d)) for d in sorted(dev)}
         state = "active" if self.active else "removed"
-        return (f"LampeHandle({state}: window={c.window}, sink={c.sink}, mapping_length={rule}, "
-                f"temperature={c.temperature:.6g}, active_from={c.active_from}, decode={c.decode!r}, "
+        start = (f"LaMPE once a row's total length exceeds {c.active_from} tokens, the model's own attention "
+                 f"below" if c.active_from else "LaMPE on every row")
+        layers = f"{len(self.layers)} LaMPE layers"
+        if self.local_layers:
+            layers += f", {len(self.local_layers)} sliding-window layers left as they are"
+        return (f"LampeHandle({state}: {self.family.name}; {start}; {layers}; mode={c.mode!r}, window={c.window}, "
+                f"sink={c.sink}, mapping_length={rule}, temperature={c.temperature:.6g}, decode={c.decode!r}, "
                 f"previous attention={self.previous_impl!r}, backend={backends})")
+
+    def _backend_name(self, device):
+        if self.backend == "torch":
+            return "torch"
+        return "lampe::attention op" if _op_available(device) else "torch (no lampe kernel for this device)"
 
     # -- scoped use
 
@@ -163,29 +301,37 @@ class LampeHandle:
             h.remove()
         self._hooks.clear()
         for m in self._modules:
-            for name in ("_lampe_handle", "_lampe_cache"):
+            for name in ("_lampe_handle", "_lampe_call"):
                 if name in m.__dict__:
                     delattr(m, name)
         for obj, name, value in reversed(self._restore):
-            setattr(obj, name, value)
+            if value is _ABSENT:
+                obj.__dict__.pop(name, None)
+            else:
+                setattr(obj, name, value)
+        self._restore.clear()
         if model is not None:
             compat.set_attn_implementation(model, self.previous_impl)
             if "_lampe_handle" in model.__dict__:
                 delattr(model, "_lampe_handle")
         self.active = False
+        self._layout = None
 
     # -- hooks
 
-    def _identity_rotary(self, module, args, output):
-        cos, sin = output
-        return torch.ones_like(cos), torch.zeros_like(sin)
-
     def _pre_attention(self, module, args, kwargs):
+        """Global layers: keep the model's cos/sin aside, hand the module the identity rotation."""
         cache = compat.cache_from_kwargs(kwargs)
         if cache is not None:
             self._adopt_cache(cache)
-        module._lampe_cache = cache
-        return None
+        pe = kwargs.get("position_embeddings")
+        if pe is None:
+            raise RuntimeError(f"{type(module).__name__} was called without position_embeddings")
+        cos, sin = pe
+        module._lampe_call = _Call(cache, kwargs.get("position_ids"), kwargs.get("cache_position"), cos, sin)
+        kwargs = dict(kwargs)
+        kwargs["position_embeddings"] = (torch.ones_like(cos), torch.zeros_like(sin))
+        return args, kwargs
 
     def _adopt_cache(self, cache):
         tag = cache.__dict__.get("_lampe_handle")
@@ -194,118 +340,215 @@ class LampeHandle:
         if tag is not None:
             raise RuntimeError("this cache was filled by a lampe patch that has since been removed (it holds "
                                "un-rotated keys); start a new cache")
-        if cache.get_seq_length() > 0:
+        if self.layers and int(cache.get_seq_length(min(m.layer_idx for m in self.layers))) > 0:
             raise RuntimeError("this cache was filled by the model before lampe.patch (it holds rotated keys); "
                                "lampe needs a cache with un-rotated keys: start a new cache")
-        handle = self
-        original_update = cache.update
-
-        def update(*args, **kwargs):
-            # The check lives on the cache, so remove() can restore the model untouched.
-            if not handle.active:
-                raise RuntimeError("this cache holds un-rotated keys written by a lampe-patched model; it cannot "
-                                   "be used after handle.remove(): start a new cache")
-            return original_update(*args, **kwargs)
-
-        cache.update = update
+        for name, fn in _CACHE_WRAPPERS.items():
+            if hasattr(cache, name):
+                setattr(cache, name, types.MethodType(fn, cache))
         cache._lampe_handle = self
-        cache._lampe_plans = {}  # batch row -> prompt length its plan was made from
+        cache._lampe_state = _CacheState()
+
+    # -- the forward's layout and plans
+
+    def _forward_layout(self, module, call, mask, B, Tq, Tk, device) -> _Layout:
+        lay = self._layout
+        if (lay is not None and lay.B == B and lay.Tq == Tq and lay.Tk == Tk
+                and all(r() is x for r, x in zip(lay.refs, (mask, call.position_ids, call.cache)))):
+            return lay
+        cache = call.cache
+        q0 = compat.query_offset(cache, module.layer_idx, Tq, Tk, call.cache_position)
+        if mask is None:
+            valid = np.broadcast_to(np.arange(Tk) < q0 + Tq, (B, Tk)).copy()
+        else:
+            if mask.dim() != 4:
+                raise NotImplementedError(f"lampe: expected a 4-D attention mask, got shape {tuple(mask.shape)}")
+            row = mask[:, 0, -1, :]
+            row = row if row.dtype == torch.bool else compat.float_mask_valid(row)
+            valid = row.expand(B, Tk).to("cpu").numpy().copy()  # the forward's one host read
+        lay = _Layout(B, Tq, Tk, q0, valid)
+        state = cache.__dict__.get("_lampe_state") if cache is not None else None
+        self._plan_rows(lay, state)
+        lay.kpos = self._key_positions(lay, call, state, device)
+        lay.refs = tuple(_weak(x) for x in (mask, call.position_ids, cache))
+        self._layout = lay
+        return lay
+
+    def _plan_rows(self, lay: _Layout, state: Optional[_CacheState]):
+        """Which rows and query rows run LaMPE, and from which plan.
+
+        LaMPE: a row's plan is made the first time its total length exceeds active_from: from its
+        prompt when that happens in its first forward (inside generate() the prompt is the input,
+        without the candidate tokens assisted and prompt-lookup decoding append to it), else from
+        active_from + 1. That is exactly what token-by-token decoding does, so speculative
+        decoding, which verifies several tokens per forward, plans like greedy decoding. Plans
+        live on the cache; a crop (or reset) below a plan's length re-plans the row from what is
+        left.
+        SelfExtend / ReRoPE: every forward plans each row from its total length."""
+        cfg = self.config
+        threshold = cfg.active_from or 0
+        total = lay.count
+        if cfg.mode in _BASELINES:
+            rows = total > threshold
+            lay.plan[rows] = total[rows]
+            lay.start[rows] = 0
+            return
+        plans = np.zeros(lay.B, dtype=np.int64)
+        if state is not None and state.plans is not None and state.plans.shape[0] == lay.B:
+            plans = state.plans.copy()
+        hint = self._prompt_index
+        for b in range(lay.B):
+            P, past = int(plans[b]), int(lay.past[b])
+            if P and P > past:  # this forward re-writes keys the plan was made from (crop, reset)
+                P = past if past > threshold else 0
+            if P:
+                lay.start[b] = 0
+            elif total[b] > threshold:
+                if past == 0:  # the row's first forward: its prompt, plus any candidate tokens
+                    base = int(total[b]) if hint is None else min(int(total[b]), int(lay.valid[b, :hint].sum()))
+                else:
+                    base = past
+                P = base if base > threshold else threshold + 1
+                if past == 0 and base > threshold:
+                    lay.start[b] = 0
+                else:
+                    later = np.flatnonzero(lay.own_positions(b) >= P - 1)
+                    lay.start[b] = int(later[0]) if later.size else lay.Tq
+            plans[b] = P
+        lay.plan[:] = plans
+        if state is not None:
+            state.plans = plans
+
+    def _key_positions(self, lay, call, state, device):
+        """Positions of the keys as the model rotated them (the cache records every forward's
+        position_ids), for the model's own attention."""
+        pos = call.position_ids
+        if pos is None:
+            pos = torch.arange(lay.q0, lay.q0 + lay.Tq, device=device)[None]
+        pos = pos.to(torch.long).reshape(-1, lay.Tq).expand(lay.B, lay.Tq)
+        past = None
+        if state is not None and state.kpos is not None and lay.q0 > 0:
+            rec = state.kpos
+            if rec.shape[0] == lay.B and rec.shape[1] >= lay.q0:
+                past = rec[:, :lay.q0].to(pos.device)
+        if past is None and lay.q0 > 0:  # unknown history: positions one apart
+            past = pos[:, :1] - torch.arange(lay.q0, 0, -1, device=pos.device)[None]
+        kpos = pos if past is None else torch.cat([past, pos], dim=1)
+        if state is not None:
+            state.kpos = kpos
+        if kpos.shape[1] < lay.Tk:  # a static cache's unwritten tail (never attended)
+            kpos = torch.cat([kpos, kpos.new_zeros(lay.B, lay.Tk - kpos.shape[1])], dim=1)
+        return kpos[:, :lay.Tk]
 
     # -- attention
 
     def attend(self, module, query, key, value, attention_mask, dropout, scaling, kwargs):
+        call = module.__dict__.pop("_lampe_call", None)
+        rotary = self.layers.get(module)
+        if rotary is None:  # a sliding-window layer: the model's own attention, untouched
+            fn = compat.previous_attention(self.compute_impl, module)
+            return fn(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        if call is None:
+            raise RuntimeError(f"{type(module).__name__} {module.layer_idx}: lampe's pre-hook did not run")
         B, Hq, Tq, D = query.shape
         Tk = key.shape[2]
-        pos = kwargs.get("position_ids")
-        if pos is None:
-            pos = torch.arange(Tk - Tq, Tk, device=query.device)[None]
-        pos = pos.to(torch.long)
-        if pos.dim() == 1:
-            pos = pos[None]
-        pos = pos.expand(B, Tq)
-        valid = self._valid_keys(attention_mask, B, Tk, query.device)
-        n_valid = valid.sum(dim=-1)
-        last = pos[:, -1]
-        if not torch.equal(n_valid, last + 1):
-            raise NotImplementedError(
-                "lampe: the number of valid keys does not match the query positions (a static or sliding cache, "
-                "packed sequences or custom position_ids); lampe supports dynamic caches with left padding")
-        suffix = torch.arange(Tk, device=query.device)[None] >= (Tk - n_valid)[:, None]
-        if not torch.equal(valid, suffix):
-            raise NotImplementedError("lampe: only left padding is supported (valid keys must be a suffix)")
-        totals = (last + 1).tolist()
-        cache = module.__dict__.get("_lampe_cache")
-        plans = cache._lampe_plans if cache is not None else {}
-        threshold = self.config.active_from if self.config.active_from is not None else 0
-        prompt = []
-        if self.config.mode != "reference":  # baseline policies: every row plans its total length
-            threshold, plans = 0, {}
-        for b in range(B):
-            if b in plans and self.config.mode == "reference":
-                prompt.append(plans[b])
-            elif totals[b] > threshold:
-                prompt.append(totals[b])
-                if cache is not None:
-                    plans[b] = totals[b]
-            else:
-                prompt.append(None)
-        active = [p is not None for p in prompt]
-        if not any(active):
-            return self._previous(module, query, key, value, attention_mask, dropout, scaling, kwargs, pos, last)
-        if all(active):
-            out = self._lampe(query, key, value, valid, n_valid, prompt, scaling, Tk)
-        else:  # rows on both sides of active_from: each row on its own path
-            outs = []
-            for b in range(B):
-                sl = slice(b, b + 1)
-                m = attention_mask[sl] if attention_mask is not None and attention_mask.shape[0] == B else attention_mask
-                kw = dict(kwargs, position_ids=pos[sl])
-                if active[b]:
-                    outs.append(self._lampe(query[sl], key[sl], value[sl], valid[sl], n_valid[sl], prompt[sl],
-                                            scaling, Tk))
-                else:
-                    outs.append(self._previous(module, query[sl], key[sl], value[sl], m, dropout, scaling, kw,
-                                               pos[sl], last[sl])[0].transpose(1, 2))
-            out = torch.cat(outs, dim=0)
-        return out.transpose(1, 2).contiguous(), None
+        lay = self._forward_layout(module, call, attention_mask, B, Tq, Tk, query.device)
+        lampe_rows = [b for b in range(B) if lay.start[b] < Tq]
+        if not lampe_rows:
+            return self._own(module, query, key, value, attention_mask, dropout, scaling, kwargs, call, lay)
+        if dropout:
+            raise NotImplementedError(f"lampe: attention dropout ({dropout}) is not supported on rows that run LaMPE; "
+                                      "set the model's attention_dropout to 0 or call model.eval()")
+        if len(lampe_rows) < B or any(lay.start[b] > 0 for b in lampe_rows):
+            # Rows (or first query rows) below active_from: the model's own attention for those.
+            out = self._own(module, query, key, value, attention_mask, dropout, scaling, kwargs, call, lay)[0].clone()
+        else:
+            out = query.new_zeros(B, Tq, Hq, D)
+        for b in lampe_rows:
+            self._lampe_row(module, rotary, query, key, value, scaling, lay, b, out)
+        return out, None
 
-    @staticmethod
-    def _valid_keys(mask, B, Tk, device):
-        if mask is None:
-            return torch.ones(B, Tk, dtype=torch.bool, device=device)
-        if mask.dim() != 4:
-            raise NotImplementedError(f"lampe: expected a 4-D attention mask, got shape {tuple(mask.shape)}")
-        row = mask[:, 0, -1, :]
-        row = row if row.dtype == torch.bool else compat.float_mask_valid(row)
-        return row.expand(B, Tk)
+    def _own(self, module, query, key, value, mask, dropout, scaling, kwargs, call, lay):
+        """The model's own attention: rotate exactly as the model does, call its implementation."""
+        cos_q, sin_q = call.cos, call.sin
+        if lay.q0 == 0 and lay.Tk == lay.Tq:
+            q_rot, k_rot = compat.apply_rotary(module, query, cos_q, sin_q, key)
+        else:
+            kpos = lay.on("kpos", key.device, lambda: lay.kpos.to(key.device))
+            cos_k, sin_k = self.layers[module].cos_sin(value, kpos)
+            q_rot = compat.apply_rotary(module, query, cos_q, sin_q)
+            k_rot = compat.apply_rotary(module, key, cos_k, sin_k)
+        fn = compat.previous_attention(self.compute_impl, module)
+        return fn(module, q_rot, k_rot, value, mask, dropout=dropout, scaling=scaling, **kwargs)
 
-    def _previous(self, module, query, key, value, attention_mask, dropout, scaling, kwargs, pos, last):
-        """Below active_from: rotate exactly as the model would and call its previous backend."""
-        Tk = key.shape[2]
-        kpos = last[:, None] - (Tk - 1 - torch.arange(Tk, device=key.device))[None]
-        apply = compat.family_function(module, "apply_rotary_pos_emb")
-        cos_q, sin_q = compat.rotary_cos_sin(self.rotary, value, pos)
-        cos_k, sin_k = compat.rotary_cos_sin(self.rotary, value, kpos)
-        q_rot = apply(query, query, cos_q, sin_q)[0]
-        k_rot = apply(key, key, cos_k, sin_k)[1]
-        fn = compat.previous_attention(self.previous_impl, module)
-        return fn(module, q_rot, k_rot, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    def _lampe_row(self, module, rotary, query, key, value, scaling, lay, b, out):
+        """Row b's LaMPE query rows from lay.start[b] on, into out [B, Tq, Hq, D]: its valid keys
+        (gathered when the padding mask has holes), its query rows with their own positions."""
+        own = lay.own_positions(b)
+        rows = np.flatnonzero((own >= 0) & (np.arange(lay.Tq) >= lay.start[b]))
+        if rows.size == 0:
+            return
+        last = int(own[rows[-1]])  # own positions of the rows are consecutive, ending at `last`
+        if lay.holes[b]:
+            idx = torch.as_tensor(np.flatnonzero(lay.valid[b])[:last + 1], device=key.device)
+            k, v = key[b:b + 1].index_select(2, idx), value[b:b + 1].index_select(2, idx)
+        else:
+            lo = int(lay.offset[b])
+            k, v = key[b:b + 1, :, lo:lo + last + 1], value[b:b + 1, :, lo:lo + last + 1]
+        if rows[-1] - rows[0] + 1 == rows.size:
+            q = query[b:b + 1, :, int(rows[0]):int(rows[-1]) + 1]
+        else:
+            q = query[b:b + 1].index_select(2, torch.as_tensor(rows, device=query.device))
+        res = self._kernel(module, rotary, q, k, v, int(lay.plan[b]), scaling)  # [1, Hq, n, D]
+        out[b, torch.as_tensor(rows, device=out.device)] = res[0].transpose(0, 1).to(out.dtype)
 
-    def _lampe(self, query, key, value, valid, n_valid, prompt, scaling, Tk):
-        inv_freq = self.rotary.inv_freq.detach().float().cpu().numpy()
-        mscale = float(getattr(self.rotary, "attention_scaling", 1.0) or 1.0)
+    def _kernel(self, module, rotary, q, k, v, prompt_length, scaling):
         cfg = self.config
+        mscale = rotary.attention_scaling
         if mscale != 1.0:
             cfg = cfg.replace(temperature=cfg.temperature * mscale)
-        off = (Tk - n_valid).cpu()
-        prompt_length = torch.tensor(prompt, dtype=torch.long) + off
-        kpm = valid.cpu() if bool((off > 0).any()) else None
-        use_c = query.device.type == "cpu" and self.backend in ("auto", "c")
-        if use_c:
-            return kernel_attention(query, key, value, config=cfg, inv_freq=inv_freq, prompt_length=prompt_length,
-                                    key_padding_mask=kpm, scale=scaling)
-        return torch_backend.attention(query, key, value, config=cfg, inv_freq=inv_freq, prompt_length=prompt_length,
-                                       key_padding_mask=kpm, scale=scaling)
+        inv_freq = rotary.inv_freq()
+        rd = 2 * inv_freq.shape[-1]
+        layout = self.family.layout
+        softcap = getattr(module, "attn_logit_softcapping", None) or None
+        pl = None if cfg.mode in _BASELINES else prompt_length
+        if self.backend != "torch" and _op_available(q.device):
+            return lampe_attention(q, k, v, cfg, inv_freq.detach().float().to(q.device), prompt_length=pl,
+                                   rotary_dim=rd, layout=layout, scale=scaling, softcap=softcap)[0]
+        kw = {"softcap": softcap} if softcap else {}
+        return torch_backend.attention(q, k, v, config=cfg, inv_freq=inv_freq.detach().float(), prompt_length=pl,
+                                       rotary_dim=rd, layout=layout, scale=scaling, **kw)
+
+
+class _Absent:
+    """Marks an attribute that did not exist before patch() (one object, also after a copy)."""
+
+    def __reduce__(self):
+        return "_ABSENT"
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+_ABSENT = _Absent()
+
+
+def _weak(x):
+    if x is None:
+        return lambda: None
+    try:
+        return weakref.ref(x)
+    except TypeError:  # pragma: no cover - objects without weakref support
+        return lambda: x
+
+
+def _op_available(device) -> bool:
+    """Whether lampe::attention has a kernel for this device (CPU here; CUDA when lampe.cuda
+    registers one)."""
+    if device.type == "cpu":
+        return True
+    key = {"cuda": "CUDA", "mps": "MPS", "xpu": "XPU"}.get(device.type)
+    return bool(key) and torch._C._dispatch_has_kernel_for_dispatch_key("lampe::attention", key)
 
 
 def _lampe_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -317,19 +560,66 @@ def _lampe_attention_forward(module, query, key, value, attention_mask, dropout=
     return handle.attend(module, query, key, value, attention_mask, dropout, scaling, kwargs)
 
 
+def _lampe_sdpa_mask(*args, **kwargs):
+    return compat.sdpa_mask(*args, **kwargs)
+
+
+def _lampe_eager_mask(*args, **kwargs):
+    return compat.eager_mask(*args, **kwargs)
+
+
 def _register():
     # Registering twice is harmless: both names always map to the same functions.
     compat.AttentionInterface.register(ATTN_NAME["sdpa"], _lampe_attention_forward)
     compat.AttentionInterface.register(ATTN_NAME["eager"], _lampe_attention_forward)
+    compat.AttentionMaskInterface.register(ATTN_NAME["sdpa"], _lampe_sdpa_mask)
+    compat.AttentionMaskInterface.register(ATTN_NAME["eager"], _lampe_eager_mask)
 
-    def lampe_sdpa_mask(*args, **kwargs):
-        return compat.sdpa_mask(*args, **kwargs)
 
-    def lampe_eager_mask(*args, **kwargs):
-        return compat.eager_mask(*args, **kwargs)
+def _generate(model, *args, **kwargs):
+    """model.generate while patched: tells the handle how long the prompt is, so a first forward
+    that also carries candidate tokens (assisted / prompt-lookup decoding) plans from the prompt."""
+    handle = model.__dict__.get("_lampe_handle")
+    inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+    if handle is None or not torch.is_tensor(inputs) or inputs.dim() != 2:
+        return type(model).generate(model, *args, **kwargs)
+    handle._prompt_index = int(inputs.shape[1])
+    try:
+        return type(model).generate(model, *args, **kwargs)
+    finally:
+        handle._prompt_index = None
 
-    compat.AttentionMaskInterface.register(ATTN_NAME["sdpa"], lampe_sdpa_mask)
-    compat.AttentionMaskInterface.register(ATTN_NAME["eager"], lampe_eager_mask)
+
+# ---------------------------------------------------------------------------------------- config saving
+
+
+def _true_to_dict(config):
+    """PretrainedConfig.to_dict with the values lampe changed while patched put back (so
+    save_pretrained and push_to_hub write the model's true config and no lampe state)."""
+    d = config.__dict__
+    saved, fn = d.pop("_lampe_saved", {}), d.pop("to_dict", None)
+    try:
+        out = type(config).to_dict(config)
+    finally:
+        d["_lampe_saved"], d["to_dict"] = saved, fn
+    for name, value in saved.items():
+        if name in out:
+            out[name] = value
+    return out
+
+
+def _protect_config(handle, config, names):
+    """Make to_dict report the pre-patch values of ``names``."""
+    before = {n: getattr(config, n) for n in names if hasattr(config, n)}
+    if "_lampe_saved" in config.__dict__:
+        return
+    handle._restore.append((config, "_lampe_saved", _ABSENT))
+    handle._restore.append((config, "to_dict", _ABSENT))
+    config._lampe_saved = before
+    config.to_dict = types.MethodType(_true_to_dict, config)
+
+
+# ---------------------------------------------------------------------------------------- patch
 
 
 def patch(model, config: Optional[LampeConfig] = None, *, backend: str = "auto", disable_sliding_window: bool = False,
@@ -339,55 +629,77 @@ def patch(model, config: Optional[LampeConfig] = None, *, backend: str = "auto",
     Defaults come from the model (pretrained window W, mapping-length preset, active_from = W);
     ``config`` replaces them (``config="paper"``: the authors' settings for this model, see
     LampeConfig.paper) and ``overrides`` (any LampeConfig field) adjust them. ``backend``:
-    "auto" (C kernel on CPU tensors, pure torch elsewhere), "c" or "torch"."""
+    "auto" (the lampe::attention op: the C kernel on CPU, lampe.cuda's kernel on CUDA, else
+    pure torch) or "torch" (pure torch everywhere); "c" is accepted as "auto"."""
     if backend not in ("auto", "c", "torch"):
         raise ValueError(f"backend must be 'auto', 'c' or 'torch', got {backend!r}")
     if not hasattr(model, "config"):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
     if is_patched(model):
         raise RuntimeError("model is already patched by lampe; call handle.remove() first")
-    rotary = _check_family(model)
+    family, modules = _check_family(model)
+    config = resolve_config(model.config, config, **overrides)
+    previous = compat.get_attn_implementation(model) or "eager"
+    if previous not in COMPUTE_IMPL:
+        raise NotImplementedError(f"lampe.patch: the model uses {previous!r} attention; patch a model loaded with "
+                                  f"attn_implementation={', '.join(repr(k) for k in COMPUTE_IMPL)}")
+    native_local = family.local_layers
+    sliding = compat.uses_sliding_window(model.config) and not native_local
+    if sliding and not disable_sliding_window:
+        raise ValueError(f"this {model.config.model_type} model uses sliding-window attention, which drops the far "
+                         "keys LaMPE is meant to reach; pass disable_sliding_window=True to turn it off while patched")
+    _register()
+    handle = LampeHandle(model, config, backend, family, previous)
+    handle.active = True
+    try:
+        if disable_sliding_window and not native_local:
+            _protect_config(handle, model.config, compat.sliding_window_settings(model.config))
+            handle._restore.extend(compat.disable_sliding_window(model, modules))
+        for m in modules:
+            m._lampe_handle = handle
+            handle._modules.append(m)
+            ltype = compat.layer_type(model, m)
+            if ltype == "sliding_attention" and native_local:
+                handle.local_layers.append(m)
+                continue
+            if ltype != "full_attention" and not (ltype == "sliding_attention" and disable_sliding_window):
+                raise NotImplementedError(f"lampe.patch: layer {m.layer_idx} has layer type {ltype!r}")
+            rot = compat.layer_rotary(model, m, "full_attention")
+            if rot is None:
+                raise NotImplementedError(f"lampe.patch: found no rotary embedding for layer {m.layer_idx}")
+            handle.layers[m] = rot
+            handle._hooks.append(m.register_forward_pre_hook(handle._pre_attention, with_kwargs=True))
+        model._lampe_handle = handle
+        handle._restore.append((model, "_lampe_handle", _ABSENT))
+        if hasattr(model, "generate") and "generate" not in model.__dict__:
+            model.generate = types.MethodType(_generate, model)
+            handle._restore.append((model, "generate", _ABSENT))
+        compat.set_attn_implementation(model, ATTN_NAME[handle.compute_impl])
+    except Exception:
+        handle.remove()
+        raise
+    return handle
+
+
+def resolve_config(model_config, config=None, **overrides) -> LampeConfig:
+    """The LampeConfig patch() uses for a model with this config (see patch)."""
     if config is None:
-        config = default_config(model.config, **overrides)
+        config = default_config(model_config, **overrides)
     elif isinstance(config, str):
         if config != "paper":
             raise ValueError(f"config must be a LampeConfig, None or 'paper', got {config!r}")
-        config = LampeConfig.paper(pretrained_window(model.config), mapping_length=mapping_preset(model.config),
+        config = LampeConfig.paper(pretrained_window(model_config), mapping_length=mapping_preset(model_config),
                                    **overrides)
     else:
         if not isinstance(config, LampeConfig):
             raise TypeError(f"config must be a LampeConfig, got {type(config).__name__}")
         if overrides:
             config = config.replace(**overrides)
-        if config.pretrained_window is None or config.active_from is None:
-            W = pretrained_window(model.config)
-            config = config.replace(pretrained_window=config.pretrained_window or W)
+        if config.pretrained_window is None:
+            config = config.replace(pretrained_window=pretrained_window(model_config))
     if config.decode != "shifted":
         raise NotImplementedError("lampe.patch supports decode='shifted' only")
-    previous = compat.get_attn_implementation(model) or "eager"
-    if previous not in ATTN_NAME:
-        raise NotImplementedError(f"lampe.patch: the model uses {previous!r} attention; patch a model loaded with "
-                                  "attn_implementation='sdpa' or 'eager'")
-    if compat.uses_sliding_window(model.config) and not disable_sliding_window:
-        raise ValueError(f"this {model.config.model_type} model uses sliding-window attention, which drops the far "
-                         "keys LaMPE is meant to reach; pass disable_sliding_window=True to turn it off while patched")
-    _register()
-    handle = LampeHandle(model, config, backend, rotary, previous)
-    handle.active = True
-    try:
-        if disable_sliding_window:
-            handle._restore.extend(compat.disable_sliding_window(model))
-        handle._hooks.append(rotary.register_forward_hook(handle._identity_rotary))
-        for m in compat.attention_modules(model):
-            m._lampe_handle = handle
-            handle._modules.append(m)
-            handle._hooks.append(m.register_forward_pre_hook(handle._pre_attention, with_kwargs=True))
-        model._lampe_handle = handle
-        compat.set_attn_implementation(model, ATTN_NAME[previous])
-    except Exception:
-        handle.remove()
-        raise
-    return handle
+    return config
 
 
 class patched:
