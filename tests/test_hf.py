@@ -497,3 +497,78 @@ def test_training_gradients_flow_and_equal_the_torch_backend(family):
     for n in names:
         g, r = grads["auto"][n], grads["torch"][n]
         assert (g - r).abs().max() <= 1e-4 * r.abs().max() + 1e-7, n
+
+
+# ---------------------------------------------------------------- item 4: sliding windows, copies, saving
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_qwen_use_sliding_window_can_be_disabled(family):
+    m = tiny(family, use_sliding_window=True, sliding_window=16, max_window_layers=1)
+    x = ids(100)
+    before = m.config.to_dict()
+    with pytest.raises(ValueError, match="disable_sliding_window"):
+        lampe.patch(m)
+    with torch.no_grad():
+        h = lampe.patch(m, disable_sliding_window=True, **SMALL)
+        long = m.generate(x, max_new_tokens=4, do_sample=False)
+        short = m(x[:, :40]).logits
+        h.remove()
+        # in-window, with the window turned off the model equals itself without a window: the
+        # tiny window of 16 makes the unpatched model differ, so compare to a windowless copy
+        plain = tiny(family)
+        plain.load_state_dict(m.state_dict())
+        assert torch.equal(short, plain(x[:, :40]).logits)
+    assert long.shape == (1, 104)
+    assert m.config.to_dict() == before
+
+
+def test_deepcopy_pickle_and_torch_save_of_a_patched_model(tmp_path):
+    import copy
+    import io
+    import pickle
+    m = tiny("llama")
+    x = ids(100)
+    h = lampe.patch(m, **SMALL)
+    with torch.no_grad():
+        ref = m(x).logits
+    c = copy.deepcopy(m)
+    assert c._lampe_handle is not h and lampe.is_patched(c)
+    c._lampe_handle.remove()
+    assert lampe.is_patched(m) and not lampe.is_patched(c)
+    with torch.no_grad():
+        assert torch.equal(m(x).logits, ref)          # the original is still patched
+        assert not torch.equal(c(x).logits, ref)      # the copy is the unpatched model now
+    for blob in (pickle.dumps(m), None):
+        if blob is None:
+            buf = io.BytesIO()
+            torch.save(m, buf)
+            buf.seek(0)
+            loaded = torch.load(buf, weights_only=False)
+        else:
+            loaded = pickle.loads(blob)
+        assert lampe.is_patched(loaded) and loaded._lampe_handle is not h
+        with torch.no_grad():
+            assert torch.equal(loaded(x).logits, ref)
+        loaded._lampe_handle.remove()
+        assert lampe.is_patched(m)
+    h.remove()
+
+
+def test_save_pretrained_writes_the_true_config(tmp_path):
+    import json
+    m = tiny("mistral", sliding_window=32)
+    x = ids(50)
+    with torch.no_grad():
+        ref = m(x).logits
+    with lampe.patched(m, disable_sliding_window=True, **SMALL):
+        m.save_pretrained(tmp_path)
+        text = (tmp_path / "config.json").read_text()
+        assert m.config.sliding_window is None  # turned off while patched
+    cfg = json.loads(text)
+    assert cfg["sliding_window"] == 32
+    assert "lampe" not in text
+    loaded = transformers.MistralForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    assert not lampe.is_patched(loaded) and loaded.config.sliding_window == 32
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, ref)

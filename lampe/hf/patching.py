@@ -576,47 +576,56 @@ def _register():
     compat.AttentionMaskInterface.register(ATTN_NAME["eager"], _lampe_eager_mask)
 
 
-def _generate(model, *args, **kwargs):
+class _Generate:
     """model.generate while patched: tells the handle how long the prompt is, so a first forward
-    that also carries candidate tokens (assisted / prompt-lookup decoding) plans from the prompt."""
-    handle = model.__dict__.get("_lampe_handle")
-    inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
-    if handle is None or not torch.is_tensor(inputs) or inputs.dim() != 2:
-        return type(model).generate(model, *args, **kwargs)
-    handle._prompt_index = int(inputs.shape[1])
-    try:
-        return type(model).generate(model, *args, **kwargs)
-    finally:
-        handle._prompt_index = None
+    that also carries candidate tokens (assisted / prompt-lookup decoding) plans from the prompt.
+    (A class rather than a bound method so a patched model pickles.)"""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        model = self.model
+        handle = model.__dict__.get("_lampe_handle")
+        inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+        if handle is None or not torch.is_tensor(inputs) or inputs.dim() != 2:
+            return type(model).generate(model, *args, **kwargs)
+        handle._prompt_index = int(inputs.shape[1])
+        try:
+            return type(model).generate(model, *args, **kwargs)
+        finally:
+            handle._prompt_index = None
 
 
 # ---------------------------------------------------------------------------------------- config saving
 
 
-def _true_to_dict(config):
-    """PretrainedConfig.to_dict with the values lampe changed while patched put back (so
-    save_pretrained and push_to_hub write the model's true config and no lampe state)."""
-    d = config.__dict__
-    saved, fn = d.pop("_lampe_saved", {}), d.pop("to_dict", None)
-    try:
-        out = type(config).to_dict(config)
-    finally:
-        d["_lampe_saved"], d["to_dict"] = saved, fn
-    for name, value in saved.items():
-        if name in out:
-            out[name] = value
-    return out
+class _TrueToDict:
+    """config.to_dict while patched, with the values lampe changed put back (so save_pretrained
+    and push_to_hub write the model's true config and no lampe state)."""
+
+    def __init__(self, config, saved: dict):
+        self.config, self.saved = config, saved
+
+    def __call__(self):
+        config = self.config
+        fn = config.__dict__.pop("to_dict", None)
+        try:
+            out = type(config).to_dict(config)
+        finally:
+            config.__dict__["to_dict"] = fn
+        for name, value in self.saved.items():
+            if name in out:
+                out[name] = value
+        return out
 
 
 def _protect_config(handle, config, names):
     """Make to_dict report the pre-patch values of ``names``."""
-    before = {n: getattr(config, n) for n in names if hasattr(config, n)}
-    if "_lampe_saved" in config.__dict__:
+    if "to_dict" in config.__dict__:
         return
-    handle._restore.append((config, "_lampe_saved", _ABSENT))
     handle._restore.append((config, "to_dict", _ABSENT))
-    config._lampe_saved = before
-    config.to_dict = types.MethodType(_true_to_dict, config)
+    config.to_dict = _TrueToDict(config, {n: getattr(config, n) for n in names if hasattr(config, n)})
 
 
 # ---------------------------------------------------------------------------------------- patch
@@ -672,7 +681,7 @@ def patch(model, config: Optional[LampeConfig] = None, *, backend: str = "auto",
         model._lampe_handle = handle
         handle._restore.append((model, "_lampe_handle", _ABSENT))
         if hasattr(model, "generate") and "generate" not in model.__dict__:
-            model.generate = types.MethodType(_generate, model)
+            model.generate = _Generate(model)
             handle._restore.append((model, "generate", _ABSENT))
         compat.set_attn_implementation(model, ATTN_NAME[handle.compute_impl])
     except Exception:
