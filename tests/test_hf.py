@@ -572,3 +572,30 @@ def test_save_pretrained_writes_the_true_config(tmp_path):
     assert not lampe.is_patched(loaded) and loaded.config.sliding_window == 32
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, ref)
+
+
+# ---------------------------------------------------------------- item 7: what patch() will do
+
+
+def test_describe_previews_what_patch_chooses(tmp_path):
+    m = tiny("llama")
+    text = lampe.hf.describe(m.config, **SMALL)
+    h = lampe.patch(m, **SMALL)
+    try:
+        c = h.config
+        assert f"active_from = {c.active_from} tokens" in text and f"window H = {c.window}, sink T = {c.sink}" in text
+        assert f"U({W + 1})={c.mapping_length_for(W + 1)}" in text
+        assert "all 2 use LaMPE" in text and "2 LaMPE layers" in repr(h)
+    finally:
+        h.remove()
+    llama31 = transformers.LlamaConfig(
+        num_hidden_layers=2, hidden_size=64, num_attention_heads=4, max_position_embeddings=131072,
+        rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192, "rope_theta": 500000.0})
+    llama31.save_pretrained(tmp_path)
+    for src in (llama31, tmp_path, tmp_path / "config.json", llama31.to_dict()):
+        text = lampe.hf.describe(src)
+        assert "W = 131072" in text and "exceeds active_from = 131072" in text and "preset 'llama3.1'" in text
+    assert "not supported" in lampe.hf.describe({"model_type": "llama4"})
+    assert "disable_sliding_window=True (not given)" in lampe.hf.describe(
+        transformers.MistralConfig(sliding_window=4096, num_hidden_layers=2))

@@ -125,11 +125,17 @@ def get_attn_implementation(model) -> str:
     return model.config._attn_implementation
 
 
-def set_attn_implementation(model, impl: str) -> None:
+def set_attn_implementation(model, impl: str, restoring: bool = False) -> None:
     if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(impl)
-    else:  # pragma: no cover - very old 4.x
-        model.config._attn_implementation = impl
+        try:
+            model.set_attn_implementation(impl)
+            return
+        except (ImportError, ValueError):
+            # Putting back what the model had (e.g. flash attention on a machine without its
+            # kernels, as a model moved between machines can be) must not fail.
+            if not restoring:
+                raise
+    model.config._attn_implementation = impl
 
 
 # ---------------------------------------------------------------------------------------- rotary

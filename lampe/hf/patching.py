@@ -311,7 +311,7 @@ class LampeHandle:
                 setattr(obj, name, value)
         self._restore.clear()
         if model is not None:
-            compat.set_attn_implementation(model, self.previous_impl)
+            compat.set_attn_implementation(model, self.previous_impl, restoring=True)
             if "_lampe_handle" in model.__dict__:
                 delattr(model, "_lampe_handle")
         self.active = False
