@@ -599,3 +599,31 @@ def test_describe_previews_what_patch_chooses(tmp_path):
     assert "not supported" in lampe.hf.describe({"model_type": "llama4"})
     assert "disable_sliding_window=True (not given)" in lampe.hf.describe(
         transformers.MistralConfig(sliding_window=4096, num_hidden_layers=2))
+
+
+# ---------------------------------------------------------------- item 9: torch.compile
+
+
+@pytest.mark.parametrize("n", [40, 100])  # below and beyond active_from
+def test_compile_fullgraph_without_graph_breaks(n):
+    m = tiny("llama")
+    x = ids(n)
+    with torch.no_grad(), lampe.patched(m, **SMALL):
+        eager = m(x).logits
+        explained = torch._dynamo.explain(m)(x)
+        assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
+        torch._dynamo.reset()
+        compiled = torch.compile(m, fullgraph=True)(x).logits  # inductor, the default backend
+    assert (compiled - eager).abs().max() <= 1e-5 * eager.abs().max()
+
+
+def test_compile_with_a_padding_mask_runs_attention_outside_the_graph():
+    m = tiny("llama")
+    x = ids(100, batch=2)
+    am = torch.ones_like(x)
+    am[1, :10] = 0
+    with torch.no_grad(), lampe.patched(m, **SMALL):
+        eager = m(x, attention_mask=am).logits
+        torch._dynamo.reset()
+        compiled = torch.compile(m, backend="eager")(x, attention_mask=am).logits
+    assert torch.allclose(compiled, eager, atol=1e-5)

@@ -207,8 +207,10 @@ class Rotary:
 
 def layer_rotary(model, module, ltype: str) -> Optional[Rotary]:
     """The rotary embedding of a layer of type ``ltype`` (None when none can be found)."""
-    base = getattr(model, "base_model", model)
-    candidates = [(n, m) for n, m in base.named_children() if "Rotary" in type(m).__name__]
+    # The model-level rotary modules (4.57 Qwen2-MoE/StableLM also keep one per attention layer).
+    candidates = [(n, m) for n, m in model.named_modules()
+                  if "Rotary" in type(m).__name__ and n.rsplit(".", 1)[-1].startswith("rotary_emb")
+                  and ".layers." not in f".{n}" and ".h." not in f".{n}"]
     if not candidates:
         return None
     for name, m in candidates:

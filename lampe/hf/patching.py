@@ -15,16 +15,15 @@ share state.
 from __future__ import annotations
 
 import math
-import types
 import weakref
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 
 from .. import torch_backend
 from ..config import LampeConfig, paper_sizes
-from ..torch_ops import lampe_attention
+from ..torch_ops import op_numbers
 from . import compat
 from .families import FAMILIES, ROPE_TYPES, SCALED_ROPE_TYPES, UNSUPPORTED
 
@@ -129,20 +128,20 @@ class _CacheState:
     model's own attention below active_from), both following the cache's reorders."""
 
     def __init__(self):
-        self.plans: Optional[np.ndarray] = None
+        self.plans: Optional[list] = None
         self.kpos: Optional[torch.Tensor] = None
 
     def select(self, index):
         """Rows ``index`` (a beam reorder or a batch selection)."""
-        idx = index.detach().to("cpu", torch.long).numpy() if torch.is_tensor(index) else np.asarray(index)
+        idx = index.detach().to("cpu", torch.long).tolist() if torch.is_tensor(index) else list(index)
         if self.plans is not None:
-            self.plans = self.plans[idx]
+            self.plans = [self.plans[i] for i in idx]
         if self.kpos is not None:
             self.kpos = self.kpos[torch.as_tensor(idx, device=self.kpos.device)]
 
     def repeat(self, repeats: int):
         if self.plans is not None:
-            self.plans = np.repeat(self.plans, repeats)
+            self.plans = [p for p in self.plans for _ in range(repeats)]
         if self.kpos is not None:
             self.kpos = self.kpos.repeat_interleave(repeats, dim=0)
 
@@ -171,6 +170,17 @@ def _cache_repeat(cache, repeats):
     cache._lampe_state.repeat(repeats)
 
 
+class _CacheMethod:
+    """One of the wrappers below bound to a cache (a plain object, which torch.compile traces
+    where it does not trace types.MethodType)."""
+
+    def __init__(self, fn, cache):
+        self.fn, self.cache = fn, cache
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(self.cache, *args, **kwargs)
+
+
 _CACHE_WRAPPERS = {"update": _cache_update, "reorder_cache": _cache_reorder,
                    "batch_select_indices": _cache_select, "batch_repeat_interleave": _cache_repeat}
 
@@ -182,18 +192,26 @@ class _Layout:
     Tensor index j of the keys is valid for row b iff the last query row's mask allows it. A row's
     own positions number its valid keys 0, 1, ... (so padding, static-cache tails and pad ids
     inside a prompt take no position); ``start[b]`` is the first query row that runs LaMPE
-    (``Tq``: none), ``plan[b]`` the prompt length its plan was made from."""
+    (``Tq``: none), ``plan[b]`` the prompt length its plan was made from. Without a mask (no
+    padding, a dynamic cache or none) every key is valid and everything is plain Python integers
+    derived from shapes, which torch.compile traces without reading any tensor."""
 
-    def __init__(self, B, Tq, Tk, q0, valid):
+    def __init__(self, B, Tq, Tk, q0, valid=None):
         self.B, self.Tq, self.Tk, self.q0 = B, Tq, Tk, q0
-        self.valid = valid                                      # np.bool_ [B, Tk]
-        self.count = valid.sum(axis=1)                          # valid keys per row
-        self.offset = np.where(self.count > 0, valid.argmax(axis=1), Tk)
-        last = Tk - 1 - valid[:, ::-1].argmax(axis=1)
-        self.holes = (self.count > 0) & (last - self.offset + 1 != self.count)
-        self.past = valid[:, :q0].sum(axis=1) if q0 > 0 else np.zeros(B, dtype=np.int64)
-        self.plan = np.zeros(B, dtype=np.int64)
-        self.start = np.full(B, Tq, dtype=np.int64)
+        self.valid = valid                                      # np.bool_ [B, Tk], or None: all valid
+        if valid is None:
+            n = min(q0 + Tq, Tk)
+            self.count, self.offset, self.holes = [n] * B, [0] * B, [False] * B
+            self.past = [max(q0, 0)] * B
+        else:
+            count = valid.sum(axis=1)
+            offset = np.where(count > 0, valid.argmax(axis=1), Tk)
+            last = Tk - 1 - valid[:, ::-1].argmax(axis=1)
+            self.count, self.offset = count.tolist(), offset.tolist()
+            self.holes = ((count > 0) & (last - offset + 1 != count)).tolist()
+            self.past = (valid[:, :q0].sum(axis=1) if q0 > 0 else np.zeros(B, dtype=np.int64)).tolist()
+        self.plan = [0] * B
+        self.start = [Tq] * B
         self.kpos = None        # [B, Tk] key positions for the model's own attention
         self.refs = ()
         self._device = {}
@@ -208,6 +226,28 @@ class _Layout:
         ok[inside] = self.valid[b, idx[inside]]
         pos[ok] = ranks[idx[ok]]
         return pos
+
+    def first_row_at(self, b, position):
+        """The first query row of row b whose own position is >= position (Tq: none)."""
+        if self.valid is None:
+            return min(max(position - self.q0, 0), self.Tq)
+        later = np.flatnonzero(self.own_positions(b) >= position)
+        return int(later[0]) if later.size else self.Tq
+
+    def lampe_rows(self, b):
+        """(query rows of row b from start[b] on whose key is valid, the own position of the last):
+        rows as a slice when contiguous, else an index list."""
+        if self.valid is None:
+            lo = max(self.start[b], -self.q0)
+            return (slice(lo, self.Tq) if lo < self.Tq else None), self.q0 + self.Tq - 1
+        own = self.own_positions(b)
+        rows = np.flatnonzero((own >= 0) & (np.arange(self.Tq) >= self.start[b]))
+        if rows.size == 0:
+            return None, -1
+        last = int(own[rows[-1]])
+        if rows[-1] - rows[0] + 1 == rows.size:
+            return slice(int(rows[0]), int(rows[-1]) + 1), last
+        return rows.tolist(), last
 
     def on(self, name, device, make):
         key = (name, str(device))
@@ -231,6 +271,7 @@ class LampeHandle:
         self.compute_impl = COMPUTE_IMPL[previous_impl]
         self.active = False
         self.layers = {}       # attention module -> compat.Rotary of the LaMPE (global) layers
+        self._specs = {}       # attention module -> _LayerSpec
         self.local_layers = []  # sliding-window layers left to the model's own attention
         self._hooks = []
         self._restore = []
@@ -345,21 +386,22 @@ class LampeHandle:
                                "lampe needs a cache with un-rotated keys: start a new cache")
         for name, fn in _CACHE_WRAPPERS.items():
             if hasattr(cache, name):
-                setattr(cache, name, types.MethodType(fn, cache))
+                setattr(cache, name, _CacheMethod(fn, cache))
         cache._lampe_handle = self
         cache._lampe_state = _CacheState()
 
     # -- the forward's layout and plans
 
     def _forward_layout(self, module, call, mask, B, Tq, Tk, device) -> _Layout:
+        compiling = torch.compiler.is_compiling()
         lay = self._layout
-        if (lay is not None and lay.B == B and lay.Tq == Tq and lay.Tk == Tk
+        if (not compiling and lay is not None and lay.B == B and lay.Tq == Tq and lay.Tk == Tk
                 and all(r() is x for r, x in zip(lay.refs, (mask, call.position_ids, call.cache)))):
             return lay
         cache = call.cache
         q0 = compat.query_offset(cache, module.layer_idx, Tq, Tk, call.cache_position)
         if mask is None:
-            valid = np.broadcast_to(np.arange(Tk) < q0 + Tq, (B, Tk)).copy()
+            valid = None  # every key up to the last query is valid: shapes say it all
         else:
             if mask.dim() != 4:
                 raise NotImplementedError(f"lampe: expected a 4-D attention mask, got shape {tuple(mask.shape)}")
@@ -370,8 +412,9 @@ class LampeHandle:
         state = cache.__dict__.get("_lampe_state") if cache is not None else None
         self._plan_rows(lay, state)
         lay.kpos = self._key_positions(lay, call, state, device)
-        lay.refs = tuple(_weak(x) for x in (mask, call.position_ids, cache))
-        self._layout = lay
+        if not compiling:  # traced code recomputes per layer (plain integers; the same answer)
+            lay.refs = tuple(_weak(x) for x in (mask, call.position_ids, cache))
+            self._layout = lay
         return lay
 
     def _plan_rows(self, lay: _Layout, state: Optional[_CacheState]):
@@ -383,39 +426,36 @@ class LampeHandle:
         active_from + 1. That is exactly what token-by-token decoding does, so speculative
         decoding, which verifies several tokens per forward, plans like greedy decoding. Plans
         live on the cache; a crop (or reset) below a plan's length re-plans the row from what is
-        left.
-        SelfExtend / ReRoPE: every forward plans each row from its total length."""
+        left. SelfExtend / ReRoPE: every forward plans each row from its total length."""
         cfg = self.config
         threshold = cfg.active_from or 0
         total = lay.count
         if cfg.mode in _BASELINES:
-            rows = total > threshold
-            lay.plan[rows] = total[rows]
-            lay.start[rows] = 0
+            for b in range(lay.B):
+                if total[b] > threshold:
+                    lay.plan[b], lay.start[b] = total[b], 0
             return
-        plans = np.zeros(lay.B, dtype=np.int64)
-        if state is not None and state.plans is not None and state.plans.shape[0] == lay.B:
-            plans = state.plans.copy()
+        plans = [0] * lay.B
+        if state is not None and state.plans is not None and len(state.plans) == lay.B:
+            plans = list(state.plans)
         hint = self._prompt_index
         for b in range(lay.B):
-            P, past = int(plans[b]), int(lay.past[b])
+            P, past = plans[b], lay.past[b]
             if P and P > past:  # this forward re-writes keys the plan was made from (crop, reset)
                 P = past if past > threshold else 0
             if P:
                 lay.start[b] = 0
             elif total[b] > threshold:
                 if past == 0:  # the row's first forward: its prompt, plus any candidate tokens
-                    base = int(total[b]) if hint is None else min(int(total[b]), int(lay.valid[b, :hint].sum()))
+                    base = total[b]
+                    if hint is not None:
+                        base = min(base, hint if lay.valid is None else int(lay.valid[b, :hint].sum()))
                 else:
                     base = past
                 P = base if base > threshold else threshold + 1
-                if past == 0 and base > threshold:
-                    lay.start[b] = 0
-                else:
-                    later = np.flatnonzero(lay.own_positions(b) >= P - 1)
-                    lay.start[b] = int(later[0]) if later.size else lay.Tq
+                lay.start[b] = 0 if past == 0 and base > threshold else lay.first_row_at(b, P - 1)
             plans[b] = P
-        lay.plan[:] = plans
+        lay.plan = plans
         if state is not None:
             state.plans = plans
 
@@ -443,6 +483,13 @@ class LampeHandle:
     # -- attention
 
     def attend(self, module, query, key, value, attention_mask, dropout, scaling, kwargs):
+        if attention_mask is not None and torch.compiler.is_compiling():
+            # A padding mask (or a static cache) is read on the host: this layer's attention runs
+            # outside the graph (one graph break per layer).
+            return self._attend_outside_graph(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+        return self._attend(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+
+    def _attend(self, module, query, key, value, attention_mask, dropout, scaling, kwargs):
         call = module.__dict__.pop("_lampe_call", None)
         rotary = self.layers.get(module)
         if rotary is None:  # a sliding-window layer: the model's own attention, untouched
@@ -468,6 +515,8 @@ class LampeHandle:
             self._lampe_row(module, rotary, query, key, value, scaling, lay, b, out)
         return out, None
 
+    _attend_outside_graph = torch.compiler.disable(_attend)
+
     def _own(self, module, query, key, value, mask, dropout, scaling, kwargs, call, lay):
         """The model's own attention: rotate exactly as the model does, call its implementation."""
         cos_q, sin_q = call.cos, call.sin
@@ -484,40 +533,54 @@ class LampeHandle:
     def _lampe_row(self, module, rotary, query, key, value, scaling, lay, b, out):
         """Row b's LaMPE query rows from lay.start[b] on, into out [B, Tq, Hq, D]: its valid keys
         (gathered when the padding mask has holes), its query rows with their own positions."""
-        own = lay.own_positions(b)
-        rows = np.flatnonzero((own >= 0) & (np.arange(lay.Tq) >= lay.start[b]))
-        if rows.size == 0:
+        rows, last = lay.lampe_rows(b)
+        if rows is None:
             return
-        last = int(own[rows[-1]])  # own positions of the rows are consecutive, ending at `last`
         if lay.holes[b]:
             idx = torch.as_tensor(np.flatnonzero(lay.valid[b])[:last + 1], device=key.device)
             k, v = key[b:b + 1].index_select(2, idx), value[b:b + 1].index_select(2, idx)
         else:
-            lo = int(lay.offset[b])
+            lo = lay.offset[b]
             k, v = key[b:b + 1, :, lo:lo + last + 1], value[b:b + 1, :, lo:lo + last + 1]
-        if rows[-1] - rows[0] + 1 == rows.size:
-            q = query[b:b + 1, :, int(rows[0]):int(rows[-1]) + 1]
+        if isinstance(rows, slice):
+            q = query[b:b + 1, :, rows]
         else:
-            q = query[b:b + 1].index_select(2, torch.as_tensor(rows, device=query.device))
-        res = self._kernel(module, rotary, q, k, v, int(lay.plan[b]), scaling)  # [1, Hq, n, D]
-        out[b, torch.as_tensor(rows, device=out.device)] = res[0].transpose(0, 1).to(out.dtype)
+            rows = torch.as_tensor(rows, device=query.device)
+            q = query[b:b + 1].index_select(2, rows)
+        res = self._kernel(module, rotary, q, k, v, lay.plan[b], scaling)  # [1, Hq, n, D]
+        out[b, rows] = res[0].transpose(0, 1).to(out.dtype)
 
     def _kernel(self, module, rotary, q, k, v, prompt_length, scaling):
-        cfg = self.config
-        mscale = rotary.attention_scaling
-        if mscale != 1.0:
-            cfg = cfg.replace(temperature=cfg.temperature * mscale)
-        inv_freq = rotary.inv_freq()
-        rd = 2 * inv_freq.shape[-1]
-        layout = self.family.layout
-        softcap = getattr(module, "attn_logit_softcapping", None) or None
-        pl = None if cfg.mode in _BASELINES else prompt_length
+        spec = self._specs[module]
+        inv_freq = rotary.inv_freq().detach().float()
+        pl = None if spec.config.mode in _BASELINES else prompt_length
         if self.backend != "torch" and _op_available(q.device):
-            return lampe_attention(q, k, v, cfg, inv_freq.detach().float().to(q.device), prompt_length=pl,
-                                   rotary_dim=rd, layout=layout, scale=scaling, softcap=softcap)[0]
-        kw = {"softcap": softcap} if softcap else {}
-        return torch_backend.attention(q, k, v, config=cfg, inv_freq=inv_freq.detach().float(), prompt_length=pl,
-                                       rotary_dim=rd, layout=layout, scale=scaling, **kw)
+            mode, window, sink, u, sigmoid, temperature = spec.numbers
+            return torch.ops.lampe.attention(
+                q, k, v, inv_freq.to(q.device), None if pl is None else torch.tensor([pl], dtype=torch.int64), None,
+                None, mode, window, sink, u, sigmoid, temperature, spec.softcap, spec.rotary_dim,
+                spec.layout == "interleaved", float(scaling), 0)[0]
+        kw = {"softcap": spec.softcap} if spec.softcap else {}
+        return torch_backend.attention(q, k, v, config=spec.config, inv_freq=inv_freq, prompt_length=pl,
+                                       rotary_dim=spec.rotary_dim, layout=spec.layout, scale=scaling, **kw)
+
+
+class _LayerSpec(NamedTuple):
+    """What a LaMPE layer's kernel call needs, fixed at patch time (so traced code computes none
+    of it): the config with the rope type's attention_scaling folded into the temperature, the
+    op's numbers for it, rotary dims, pairing and soft-capping."""
+    config: LampeConfig
+    numbers: tuple
+    rotary_dim: int
+    layout: str
+    softcap: float
+
+
+def _layer_spec(config, rotary, module, layout) -> _LayerSpec:
+    mscale = rotary.attention_scaling
+    cfg = config if mscale == 1.0 else config.replace(temperature=config.temperature * mscale)
+    softcap = float(getattr(module, "attn_logit_softcapping", None) or 0.0)
+    return _LayerSpec(cfg, op_numbers(cfg), 2 * int(rotary.inv_freq().shape[-1]), layout, softcap)
 
 
 class _Absent:
@@ -677,6 +740,7 @@ def patch(model, config: Optional[LampeConfig] = None, *, backend: str = "auto",
             if rot is None:
                 raise NotImplementedError(f"lampe.patch: found no rotary embedding for layer {m.layer_idx}")
             handle.layers[m] = rot
+            handle._specs[m] = _layer_spec(config, rot, m, family.layout)
             handle._hooks.append(m.register_forward_pre_hook(handle._pre_attention, with_kwargs=True))
         model._lampe_handle = handle
         handle._restore.append((model, "_lampe_handle", _ABSENT))
