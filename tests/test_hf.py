@@ -611,9 +611,17 @@ def test_compile_fullgraph_without_graph_breaks(n):
     with torch.no_grad(), lampe.patched(m, **SMALL):
         eager = m(x).logits
         explained = torch._dynamo.explain(m)(x)
-        assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
+        reasons = [str(r.reason)[:200] for r in explained.break_reasons]
         torch._dynamo.reset()
-        compiled = torch.compile(m, fullgraph=True)(x).logits  # inductor, the default backend
+        if hfcompat.VERSION >= (5, 0):
+            assert explained.graph_break_count == 0, reasons
+            compiled = torch.compile(m, fullgraph=True)(x).logits  # inductor, the default backend
+        else:
+            # 4.57 materialises the causal mask while tracing, which lampe cannot read inside the
+            # graph: each LaMPE layer's attention runs outside it, and only there.
+            assert all("LampeHandle._attend" in r for r in reasons), reasons
+            assert explained.graph_break_count <= 5 * len(hfcompat.attention_modules(m)), reasons
+            compiled = torch.compile(m)(x).logits
     assert (compiled - eager).abs().max() <= 1e-5 * eager.abs().max()
 
 

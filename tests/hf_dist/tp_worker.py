@@ -1,6 +1,5 @@
 """Run under torchrun with 2 CPU ranks (gloo): a tensor-parallel patched model must give the
 logits of the same model in one process. argv: checkpoint dir, output file, L."""
-import os
 import sys
 
 import torch
@@ -8,12 +7,12 @@ import torch.distributed as dist
 import transformers
 
 import lampe
+from lampe.hf import compat
 
 path, out_file, L = sys.argv[1], sys.argv[2], int(sys.argv[3])
 dist.init_process_group("gloo")
 kw = {}
-if hasattr(transformers, "DistributedConfig") or os.path.exists(os.path.join(os.path.dirname(transformers.__file__),
-                                                                              "distributed", "configuration_utils.py")):
+if compat.VERSION >= (5, 0):
     from transformers.distributed.configuration_utils import DistributedConfig
     kw["distributed_config"] = DistributedConfig(tp_plan="auto")
 else:  # 4.57
