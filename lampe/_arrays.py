@@ -5,6 +5,7 @@ travels as uint16 bits with a flag. torch is imported only if the caller already
 """
 from __future__ import annotations
 
+import math
 import sys
 
 import numpy as np
@@ -86,6 +87,18 @@ def resolve_rotary_dim(rotary_dim, head_dim: int) -> int:
     if rotary_dim < 0 or rotary_dim > head_dim or rotary_dim % 2:
         raise ValueError(f"rotary_dim must be even and in [0, head_dim={head_dim}], got {rotary_dim}")
     return rotary_dim
+
+
+def resolve_softcap(softcap) -> float:
+    """Logit soft-capping value for the kernels: None or 0 = none, else a finite number > 0."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float, np.integer, np.floating)):
+        raise TypeError(f"softcap must be a float or None, got {type(softcap).__name__}")
+    cap = float(softcap)
+    if not (math.isfinite(cap) and 0.0 <= cap <= 3.4e38):  # float32 in the kernels
+        raise ValueError(f"softcap must be a finite number > 0 (or None / 0 for none), got {softcap}")
+    return cap
 
 
 LAYOUTS = {"half": 0, "interleaved": 1}

@@ -11,9 +11,10 @@ from collections import OrderedDict
 import numpy as np
 
 from . import _C
-from ._arrays import (inv_freq_array, is_torch, kernel_view, layout_code, resolve_rotary_dim, resolve_threads)
+from ._arrays import (inv_freq_array, is_torch, kernel_view, layout_code, resolve_rotary_dim, resolve_softcap,
+                      resolve_threads)
 from .config import LampeConfig
-from .positions import batch_layout, plan
+from .positions import batch_layout, row_plans
 
 _TABLES: "OrderedDict[bytes, tuple]" = OrderedDict()
 _TABLE_SLOTS = 4
@@ -37,16 +38,21 @@ def rope_table(inv_freq: np.ndarray, length: int):
     return tab
 
 
-def attention(q, k, v, *, config, inv_freq, prompt_length=None, key_padding_mask=None, rotary_dim=None,
-              layout="half", scale=None, return_lse=False, num_threads=None, out=None):
+def attention(q, k, v, *, config, inv_freq, prompt_length=None, key_padding_mask=None, query_start=None,
+              rotary_dim=None, layout="half", scale=None, softcap=None, return_lse=False, num_threads=None,
+              out=None):
     """LaMPE attention (spec §0-§2) in one fused pass with an online softmax.
 
     q [B, Hq, Lq, D], k and v [B, Hkv, Lk, D], un-rotated; query head h uses KV head
-    h // (Hq / Hkv) (never repeated in memory); queries are the last Lq positions. A row is a
-    prompt row iff its position < prompt_length (int or [B]; default Lk): a decode step after a
-    prompt of length L passes prompt_length=L. ``key_padding_mask`` [B, Lk] bool, True = valid,
-    left padding only. ``config=None`` is ordinary causal RoPE attention. Returns out in the
-    input dtype (and lse [B, Hq, Lq] float32 when ``return_lse``)."""
+    h // (Hq / Hkv) (never repeated in memory). Positions count from each row's first valid key.
+    ``key_padding_mask`` [B, Lk] bool, True = valid, each row False* True* False* (left pads, valid
+    keys, slots never attended such as right padding or a static cache's unused tail).
+    ``query_start`` (int or [B]; default: the queries are the last Lq positions) is the position
+    of query row 0; a query attends the valid keys at positions <= its own. A row is a prompt row
+    iff its position < prompt_length (int or [B], in key indices; default: every valid key is
+    prompt): a decode step after a prompt of length L passes prompt_length=L. ``softcap`` (Gemma 2)
+    caps every logit x at softcap * tanh(x / softcap). ``config=None`` is ordinary causal RoPE
+    attention. Returns out in the input dtype (and lse [B, Hq, Lq] float32 when ``return_lse``)."""
     qa, bf16, dname = kernel_view(q, "q")
     ka, kbf, kname = kernel_view(k, "k")
     va, vbf, vname = kernel_view(v, "v")
@@ -62,7 +68,7 @@ def attention(q, k, v, *, config, inv_freq, prompt_length=None, key_padding_mask
     if config is not None and not isinstance(config, LampeConfig):
         raise TypeError(f"config must be a LampeConfig or None, got {type(config).__name__}")
     if config is not None and config.decode != "shifted":
-        raise NotImplementedError("decode='reference' is supported only by plan.table() / plan.regions()")
+        raise NotImplementedError(f"decode={config.decode!r} is supported only by plan.table() / plan.regions()")
     rd = resolve_rotary_dim(rotary_dim, D)
     freq = inv_freq_array(inv_freq, rd)
     lay = layout_code(layout)
@@ -71,23 +77,14 @@ def attention(q, k, v, *, config, inv_freq, prompt_length=None, key_padding_mask
     scale = float(scale)
     if not math.isfinite(scale):
         raise ValueError("scale must be finite")
+    cap = resolve_softcap(softcap)
     nth = resolve_threads(num_threads)
     if ka.shape[0] != B or ka.shape[3] != D or tuple(va.shape) != tuple(ka.shape):
         raise ValueError(f"k and v must have shape [B={B}, Hkv, Lk, D={D}] and match each other; got "
                          f"{tuple(ka.shape)} and {tuple(va.shape)}")
-    off, own = batch_layout(B, Lq, Lk, prompt_length, key_padding_mask)
-    if config is not None and config.mode != "reference" and np.any((own < Lk - off) & (off < Lk)):
-        raise ValueError(f"prompt_length: mode={config.mode!r} has no rows after the prompt; every row is planned "
-                         "with the total length, so leave prompt_length at its default (Lk)")
-
-    plans, umax = [], 0
-    for b in range(B):
-        if config is None or off[b] >= Lk:
-            plans.append(None)
-            continue
-        pl = plan(int(own[b]), config)
-        plans.append(pl._ctuple)
-        umax = max(umax, pl.mapping_length)
+    rows = batch_layout(B, Lq, Lk, prompt_length, key_padding_mask, query_start)
+    plans = row_plans(config, rows, Lq)
+    umax = max((pl.mapping_length for pl in plans if pl is not None), default=0)
     cos_t, sin_t = rope_table(freq, max(Lk, umax + 1)) if rd else (None, None)
 
     if out is None:
@@ -102,8 +99,9 @@ def attention(q, k, v, *, config, inv_freq, prompt_length=None, key_padding_mask
     if tuple(oa.shape) != (B, Hq, Lq, D):
         raise ValueError(f"out must have shape {(B, Hq, Lq, D)}, got {tuple(oa.shape)}")
     lse = np.empty((B, Hq, Lq), dtype=np.float32) if return_lse else None
-    _C.attention(qa, ka, va, oa, lse, off, plans, freq, rd, lay, config.temperature if config else 1.0, scale,
-                 bf16, cos_t, sin_t, nth)
+    _C.attention(qa, ka, va, oa, lse, rows.key_offset, rows.key_count, rows.query_start,
+                 [pl._ctuple if pl is not None else None for pl in plans], freq, rd, lay,
+                 config.temperature if config else 1.0, scale, cap, bf16, cos_t, sin_t, nth)
     if not return_lse:
         return out
     if is_torch(q):

@@ -143,52 +143,115 @@ static inline void attn_angles(const lampe_attn_params *p, int64_t pos, float am
     rope_angles(pos, p->inv_freq, n2, amp, c, s);
 }
 
-/* Rotate one key row by position kpos and store it as column `col` of a [D][LDK] panel. */
-static inline void pack_key(const lampe_attn_params *p, const char *src, int64_t kpos, float *col, float *row,
-                            float *cs, float *sn)
+/* 1 when every x[i] is finite: x - x is 0 for finite x, NaN for NaN and +-inf. */
+static inline int row_finite(const float *x, int64_t n)
+{
+    vf acc = v_zero();
+    int64_t i = 0;
+    for (; i + VW <= n; i += VW) {
+        const vf a = v_load(x + i);
+        acc = v_add(acc, v_sub(a, a));
+    }
+    float t = v_hsum(acc);
+    for (; i < n; i++) t += x[i] - x[i];
+    return t == 0.0f;
+}
+
+/* Convert one row to float32; a row holding NaN or inf becomes zeros (so it cannot reach the
+ * rows that do not attend it through 0 * NaN) and the function returns 0. float32 rows are
+ * copied and checked in one pass. */
+static inline int load_row_finite(int dtype, const void *src, float *dst, int64_t n)
+{
+    if (dtype == LAMPE_F32) {
+        const float *x = (const float *)src;
+        vf acc = v_zero();
+        int64_t i = 0;
+        for (; i + VW <= n; i += VW) {
+            const vf a = v_load(x + i);
+            v_store(dst + i, a);
+            acc = v_add(acc, v_sub(a, a));
+        }
+        float t = v_hsum(acc);
+        for (; i < n; i++) {
+            dst[i] = x[i];
+            t += x[i] - x[i];
+        }
+        if (t == 0.0f) return 1;
+    } else {
+        cvt_row_to_f32(dtype, src, dst, n);
+        if (row_finite(dst, n)) return 1;
+    }
+    memset(dst, 0, (size_t)n * 4);
+    return 0;
+}
+
+/* Rotate one key row by position kpos and store it as column `col` of a [D][LDK] panel; returns
+ * 0 (and stores zeros) when the key is not finite. */
+static inline int pack_key(const lampe_attn_params *p, const char *src, int64_t kpos, float *col, float *row,
+                           float *cs, float *sn)
 {
     const int64_t D = p->head_dim;
-    cvt_row_to_f32(p->dtype, src, row, D);
+    const int ok = load_row_finite(p->dtype, src, row, D);
     attn_angles(p, kpos, 1.0f, cs, sn);
     rope_row_f32(row, cs, sn, p->rotary_dim / 2, p->layout);
     for (int64_t d = 0; d < D; d++) col[d * LDK] = row[d];
+    return ok;
 }
 
 /*
- * Prefill panels of batch row ap->panel_b: item = (kind, kv head, block), kind 0 keys at their
+ * Prefill panels of batch row work->panel_b: item = (kind, kv head, block), kind 0 keys at their
  * true positions, 1 keys at mapped positions m[j] (prompt rows), 2 values converted to float32.
  * Keys no prompt row can see in that rotation are zeros.
  */
-static void attn_pack(const lampe_attn_plan *ap, int64_t item, float *scratch)
+static void attn_pack(const lampe_attn_work *work, int64_t item, float *scratch)
 {
-    const lampe_attn_params *p = ap->p;
-    const int64_t D = p->head_dim, nb = ap->nblk;
+    const lampe_attn_params *p = work->p;
+    const int64_t D = p->head_dim, nb = work->nblk;
     const int64_t kind = item / (p->kv_heads * nb), rest = item % (p->kv_heads * nb);
-    const int64_t kvh = rest / nb, blk = rest % nb, b = ap->panel_b;
-    const int64_t off = p->seqs[b].key_offset;
+    const int64_t kvh = rest / nb, blk = rest % nb, b = work->panel_b;
+    const int64_t off = p->seqs[b].key_offset, count = p->seqs[b].key_count;
     const lampe_plan *plan = p->seqs[b].plan;
     const size_t es = dtype_size(p->dtype);
     const int64_t k0 = blk * BK, k1 = k0 + BK < p->kv_len ? k0 + BK : p->kv_len;
     float *cs = scratch, *sn = cs + D, *row = sn + D;
+    uint8_t *bad = work->key_bad + kvh * p->kv_len;
     if (kind == 2) {
         const char *vbase = (const char *)p->v;
-        for (int64_t j = k0; j < k1; j++)
-            cvt_row_to_f32(p->dtype, vbase + (size_t)(b * p->v_stride[0] + kvh * p->v_stride[1] + j * p->v_stride[2]) * es,
-                           ap->vconv + (kvh * p->kv_len + j) * ap->ldv, D);
+        int any = 0;
+        for (int64_t j = k0; j < k1; j++) {
+            float *dst = work->vconv + (kvh * p->kv_len + j) * work->ldv;
+            if (j - off < 0 || j - off >= count) { /* never attended */
+                memset(dst, 0, (size_t)D * 4);
+                continue;
+            }
+            if (!load_row_finite(p->dtype, vbase + (size_t)(b * p->v_stride[0] + kvh * p->v_stride[1] + j * p->v_stride[2]) * es,
+                                 dst, D)) {
+                bad[j] |= 2;
+                any = 1;
+            }
+        }
+        work->block_bad[kvh * nb + blk] |= (uint8_t)any;
         return;
     }
-    float *panel = (kind ? ap->panel_map : ap->panel_id) + (kvh * nb + blk) * D * LDK;
+    float *panel = (kind ? work->panel_map : work->panel_id) + (kvh * nb + blk) * D * LDK;
     const char *kbase = (const char *)p->k;
+    int any = 0;
     for (int64_t jj = 0; jj < BK; jj++) {
         const int64_t j = k0 + jj, jl = j - off;
-        const int visible = j < k1 && jl >= 0 && (kind == 0 || jl < plan->length);
+        const int visible = j < k1 && jl >= 0 && jl < count && (kind == 0 || jl < plan->length);
+        if (j < k1 && kind == 0) bad[j] = 0;
         if (!visible) {
             for (int64_t d = 0; d < D; d++) panel[d * LDK + jj] = 0.0f;
             continue;
         }
-        pack_key(p, kbase + (size_t)(b * p->k_stride[0] + kvh * p->k_stride[1] + j * p->k_stride[2]) * es,
-                 kind ? plan->mapped_ids[jl] : jl, panel + jj, row, cs, sn);
+        const int ok = pack_key(p, kbase + (size_t)(b * p->k_stride[0] + kvh * p->k_stride[1] + j * p->k_stride[2]) * es,
+                                kind ? plan->mapped_ids[jl] : jl, panel + jj, row, cs, sn);
+        if (!ok && kind == 0) {
+            bad[j] = 1;
+            any = 1;
+        }
     }
+    if (kind == 0) work->block_bad[kvh * nb + blk] = (uint8_t)any;
 }
 
 /* dst = R(b)^T src for one row: undo a rotation whose cos/sin are c/s (pass-through dims copied).
@@ -249,18 +312,61 @@ static inline void dot_rows(const float *Q, int64_t G, const float *k, int64_t D
     }
 }
 
+/* S[j] = c2 * tanh(S[j] / c2) for n lanes (a multiple of VW). */
+static inline void softcap_row(float *S, int64_t n, float c2)
+{
+    const vf inv = v_set1(1.0f / c2), c = v_set1(c2);
+    for (int64_t j = 0; j < n; j += VW) v_store(S + j, v_mul(v_tanh(v_mul(v_load(S + j), inv)), c));
+}
+
 typedef struct slot_rows {
     int present, mapped;
     int64_t shift, lo_min, hi_max;
     int64_t lo[LAMPE_ATTN_MAX_BQ], hi[LAMPE_ATTN_MAX_BQ], qpos[LAMPE_ATTN_MAX_BQ];
 } slot_rows;
 
-static void attn_item(const lampe_attn_plan *ap, int64_t item, float *scratch)
+/* Rows (M of them, G per position) whose range in this slot holds one of the nbad flagged keys
+ * attend a NaN or inf input: they are poisoned (NaN output). */
+static void poison_rows(const slot_rows *sr, int64_t M, int64_t G, const int64_t *bad, int64_t nbad, int32_t *poisoned)
 {
-    const lampe_attn_params *p = ap->p;
-    const lampe_attn_tile *tile = &ap->tiles[item / ap->nchunks];
-    const int64_t chunk = item % ap->nchunks;
-    const int64_t D = p->head_dim, G = ap->group, n2 = p->rotary_dim / 2;
+    for (int64_t r = 0; r < M; r++)
+        for (int64_t e = 0; e < nbad && !poisoned[r]; e++)
+            if (bad[e] >= sr->lo[r / G] && bad[e] <= sr->hi[r / G]) poisoned[r] = 1;
+}
+
+/* Direct mode scores keys as stored, unchecked: a key holding NaN or inf gives a non-finite score
+ * in every row (queries are finite: rows with a bad query are zeros and poisoned), so only a
+ * block with a non-finite score has its raw keys checked. Appends the bad keys to bad[nbad..];
+ * non-finite scores of finite keys are logits that overflowed. */
+static int64_t direct_bad_keys(const lampe_attn_params *p, int64_t b, int64_t kvh, int64_t k0, int64_t k1,
+                               const float *S, int64_t G, int64_t *bad, int64_t nbad, atomic_int *overflow)
+{
+    int finite = 1;
+    for (int64_t g = 0; g < G && finite; g++) finite = row_finite(S + g * BK, k1 - k0);
+    if (finite) return nbad;
+    const size_t es = dtype_size(p->dtype);
+    const int64_t D = p->head_dim, n0 = nbad;
+    for (int64_t j = k0; j < k1; j++) {
+        const char *src = (const char *)p->k + (size_t)(b * p->k_stride[0] + kvh * p->k_stride[1] + j * p->k_stride[2]) * es;
+        int ok = 1;
+        for (int64_t d = 0; d < D && ok; d++) {
+            const float x = p->dtype == LAMPE_F32 ? ((const float *)src)[d]
+                            : p->dtype == LAMPE_BF16 ? lampe_bf16_to_f32(((const uint16_t *)src)[d])
+                                                     : lampe_f16_to_f32(((const uint16_t *)src)[d]);
+            ok = x - x == 0.0f;
+        }
+        if (!ok) bad[nbad++] = j;
+    }
+    if (nbad == n0) atomic_store(overflow, 1);
+    return nbad;
+}
+
+static void attn_item(const lampe_attn_work *work, int64_t item, float *scratch)
+{
+    const lampe_attn_params *p = work->p;
+    const lampe_attn_tile *tile = &work->tiles[item / work->nchunks];
+    const int64_t chunk = item % work->nchunks;
+    const int64_t D = p->head_dim, G = work->group, n2 = p->rotary_dim / 2;
     const int64_t b = tile->b, kvh = tile->kvh, t0 = tile->t0, npos = tile->t1 - tile->t0;
     const int64_t M = npos * G, Mp = (M + QK_MR - 1) / QK_MR * QK_MR;
     const lampe_attn_seq *seq = &p->seqs[b];
@@ -270,16 +376,17 @@ static void attn_item(const lampe_attn_plan *ap, int64_t item, float *scratch)
     /* Amplitude s on queries and keys = s^2 on the query alone (rotated dims only). */
     const float qamp = plan ? p->amplitude * p->amplitude : 1.0f;
     const float qscale = p->scale * LOG2E;
+    /* soft-capping in log2 units: log2e * c * tanh(x / c) = c2 * tanh(S / c2) with c2 = c * log2e */
+    const int capped = p->softcap > 0.0f;
+    const float cap2 = p->softcap * LOG2E;
 
-    float *Qs = scratch;            /* [3][Mp][D] rotated, scaled queries per slot */
-    const int64_t ldv = ap->ldv;    /* padded row strides: no power-of-two cache-set aliasing */
-    float *Kp = Qs + 3 * Mp * D;    /* [D][LDK] rotated keys of one block          */
-    float *Vb = Kp + D * LDK;       /* [BK][ldv] values of one block, float32      */
-    float *S = Vb + BK * ldv;       /* [Mp][BK] scores, then probabilities         */
-    float *O = S + Mp * BK;         /* [Mp][D]                                     */
-    float *mrow = O + Mp * D, *lrow = mrow + Mp;
-    float *cs = lrow + Mp, *sn = cs + D, *row = sn + D;
-    int32_t *active = (int32_t *)(row + D); /* [Mp] rows updated by the current block */
+    lampe_attn_scratch sc;
+    lampe_attn_scratch_carve(&sc, scratch, work->max_rows + LAMPE_ATTN_ROW_PAD, D, work->ldv);
+    const int64_t ldv = work->ldv;    /* padded row strides: no power-of-two cache-set aliasing */
+    float *Kp = sc.k_block, *Vb = sc.v_block, *S = sc.scores, *O = sc.o, *mrow = sc.m, *lrow = sc.l;
+    float *cs = sc.cos, *sn = sc.sin, *row = sc.row;
+    int32_t *active = sc.active, *poisoned = sc.poisoned;
+    int64_t *bad = sc.bad;
 
     slot_rows slots[3];
     for (int s = 0; s < 3; s++) {
@@ -293,8 +400,9 @@ static void attn_item(const lampe_attn_plan *ap, int64_t item, float *scratch)
             slots[s].hi[pi] = 0;
         }
     }
+    const int64_t last_key = seq->key_count - 1; /* own position of the last valid key */
     for (int64_t pi = 0; pi < npos; pi++) {
-        const int64_t pos = p->kv_len - p->q_len + t0 + pi - off;
+        const int64_t pos = seq->query_start + t0 + pi;
         if (pos < 0) continue; /* a padded query: no valid key, output zeros */
         lampe_region regs[LAMPE_MAX_REGIONS];
         int n = 0;
@@ -305,13 +413,15 @@ static void attn_item(const lampe_attn_plan *ap, int64_t item, float *scratch)
             n = 1;
         }
         for (int r = 0; r < n; r++) {
+            const int64_t hi = regs[r].key_hi < last_key ? regs[r].key_hi : last_key;
+            if (regs[r].key_lo > hi) continue; /* only keys past the valid ones */
             const int s = regs[r].kind == LAMPE_REGION_FULL ? 0 : regs[r].kind;
             slot_rows *sr = &slots[s];
             sr->present = 1;
             sr->mapped = regs[r].mapped;
             sr->shift = regs[r].shift; /* uniform in a tile: the driver gives later rows tiles of one */
             sr->lo[pi] = regs[r].key_lo + off;
-            sr->hi[pi] = regs[r].key_hi + off;
+            sr->hi[pi] = hi + off;
             sr->qpos[pi] = regs[r].qpos;
             if (sr->lo[pi] < sr->lo_min) sr->lo_min = sr->lo[pi];
             if (sr->hi[pi] > sr->hi_max) sr->hi_max = sr->hi[pi];
@@ -322,13 +432,14 @@ static void attn_item(const lampe_attn_plan *ap, int64_t item, float *scratch)
     for (int64_t r = 0; r < Mp; r++) {
         mrow[r] = -INFINITY;
         lrow[r] = 0.0f;
+        poisoned[r] = 0;
     }
 
     /* Rotate every query once per slot; trigonometry once per (position, slot) for all G heads. */
     const char *qbase = (const char *)p->q;
     for (int s = 0; s < 3; s++) {
         if (!slots[s].present) continue;
-        float *Q = Qs + s * Mp * D;
+        float *Q = sc.q_slot[s];
         memset(Q, 0, (size_t)(Mp * D) * 4);
         for (int64_t pi = 0; pi < npos; pi++) {
             if (slots[s].lo[pi] > slots[s].hi[pi]) continue;
@@ -337,7 +448,10 @@ static void attn_item(const lampe_attn_plan *ap, int64_t item, float *scratch)
                 float *qr = Q + (pi * G + g) * D;
                 const char *src = qbase + (size_t)(b * p->q_stride[0] + (kvh * G + g) * p->q_stride[1] +
                                                    (t0 + pi) * p->q_stride[2]) * es;
-                cvt_row_to_f32(p->dtype, src, qr, D);
+                if (!load_row_finite(p->dtype, src, qr, D)) { /* the row attends a NaN/inf query */
+                    poisoned[pi * G + g] = 1;
+                    continue;
+                }
                 rope_row_f32(qr, cs, sn, n2, p->layout);
                 for (int64_t d = 0; d < D; d++) qr[d] *= qscale;
             }
@@ -360,28 +474,31 @@ static void attn_item(const lampe_attn_plan *ap, int64_t item, float *scratch)
         }
         total += nblk[s];
     }
-    const int64_t cb0 = total * chunk / ap->nchunks, cb1 = total * (chunk + 1) / ap->nchunks;
+    const int64_t cb0 = total * chunk / work->nchunks, cb1 = total * (chunk + 1) / work->nchunks;
     const char *kbase = (const char *)p->k, *vbase = (const char *)p->v;
     const int64_t *mids = plan ? plan->mapped_ids : NULL;
     const int f32 = p->dtype == LAMPE_F32;
     const int direct = npos == 1 && !use_panels;
-    float *Qd = (float *)(active + Mp); /* [G][D] back-rotated queries of direct mode */
+    float *Qd = sc.q_direct; /* [G][D] back-rotated queries of direct mode */
     int64_t cur_kpos = INT64_MIN;
     int cur_slot = -1;
     int64_t idx = 0;
     for (int s = 0; s < 3; s++) {
         const slot_rows *sr = &slots[s];
-        const float *Q = Qs + s * Mp * D;
+        const float *Q = sc.q_slot[s];
         for (int64_t blk = 0; blk < nblk[s]; blk++, idx++) {
             if (idx < cb0 || idx >= cb1) continue;
-            int64_t k0, k1;
+            int64_t k0, k1, nbad = 0;
             const float *Kb, *Vr;
             if (use_panels) {
                 const int64_t pb = first[s] + blk;
                 k0 = pb * BK;
                 k1 = k0 + BK < p->kv_len ? k0 + BK : p->kv_len;
-                Kb = (sr->mapped ? ap->panel_map : ap->panel_id) + (kvh * ap->nblk + pb) * D * LDK;
-                Vr = ap->vconv + (kvh * p->kv_len + k0) * ldv;
+                Kb = (sr->mapped ? work->panel_map : work->panel_id) + (kvh * work->nblk + pb) * D * LDK;
+                Vr = work->vconv + (kvh * p->kv_len + k0) * ldv;
+                if (work->block_bad[kvh * work->nblk + pb])
+                    for (int64_t j = k0; j < k1; j++)
+                        if (work->key_bad[kvh * p->kv_len + j]) bad[nbad++] = j;
             } else {
                 k0 = sr->lo_min + blk * BK;
                 k1 = k0 + BK <= sr->hi_max + 1 ? k0 + BK : sr->hi_max + 1;
@@ -430,8 +547,9 @@ static void attn_item(const lampe_attn_plan *ap, int64_t item, float *scratch)
                     for (int64_t jj = 0; jj < k1 - k0; jj++) {
                         const int64_t j = k0 + jj;
                         const int64_t kpos = sr->mapped ? mids[j - off - sr->shift] : j - off;
-                        pack_key(p, kbase + (size_t)(b * p->k_stride[0] + kvh * p->k_stride[1] + j * p->k_stride[2]) * es,
-                                 kpos, Kp + jj, row, cs, sn);
+                        if (!pack_key(p, kbase + (size_t)(b * p->k_stride[0] + kvh * p->k_stride[1] + j * p->k_stride[2]) * es,
+                                      kpos, Kp + jj, row, cs, sn))
+                            bad[nbad++] = j;
                     }
                     for (int64_t d = 0; d < D; d++)
                         for (int64_t jj = k1 - k0; jj < BK; jj++) Kp[d * LDK + jj] = 0.0f;
@@ -441,10 +559,12 @@ static void attn_item(const lampe_attn_plan *ap, int64_t item, float *scratch)
                 for (int64_t jj = 0; jj < k1 - k0; jj++) {
                     const int64_t j = k0 + jj;
                     const char *vsrc = vbase + (size_t)(b * p->v_stride[0] + kvh * p->v_stride[1] + j * p->v_stride[2]) * es;
-                    cvt_row_to_f32(p->dtype, vsrc, Vb + jj * ldv, D);
+                    if (!load_row_finite(p->dtype, vsrc, Vb + jj * ldv, D)) bad[nbad++] = j;
                 }
                 Vr = Vb;
+                if (direct) nbad = direct_bad_keys(p, b, kvh, k0, k1, S, G, bad, nbad, work->overflow);
             }
+            if (nbad) poison_rows(sr, M, G, bad, nbad, poisoned);
             const int64_t nk = k1 - k0, nkp = (nk + QK_NR - 1) / QK_NR * QK_NR;
 
             /* Scores for every row block that meets this key block (direct mode has them). */
@@ -452,7 +572,7 @@ static void attn_item(const lampe_attn_plan *ap, int64_t item, float *scratch)
                 int meets = 0;
                 for (int64_t r = r0; r < r0 + QK_MR && r < M && !meets; r++) {
                     const int64_t pi = r / G;
-                    meets = sr->lo[pi] < k1 && sr->hi[pi] >= k0;
+                    meets = sr->lo[pi] < k1 && sr->hi[pi] >= k0 && !poisoned[r];
                 }
                 if (meets) qk_block(Q + r0 * D, D, Kb, S + r0 * BK, nkp);
             }
@@ -463,15 +583,19 @@ static void attn_item(const lampe_attn_plan *ap, int64_t item, float *scratch)
                 const int64_t pi = r / G;
                 const int64_t lo = sr->lo[pi] > k0 ? sr->lo[pi] - k0 : 0;
                 const int64_t hi = sr->hi[pi] < k1 - 1 ? sr->hi[pi] - k0 : nk - 1;
-                if (lo > hi) continue;
+                if (lo > hi || poisoned[r]) continue;
                 float *Sr = S + r * BK;
+                if (capped) softcap_row(Sr, nkp, cap2);
                 for (int64_t jj = 0; jj < lo; jj++) Sr[jj] = -INFINITY;
                 for (int64_t jj = hi + 1; jj < nkp; jj++) Sr[jj] = -INFINITY;
                 vf vm = v_set1(-INFINITY);
                 for (int64_t jj = 0; jj < nkp; jj += VW) vm = v_max(vm, v_load(Sr + jj));
                 const float mx = v_hmax(vm);
                 const float mnew = mx > mrow[r] ? mx : mrow[r];
-                if (mnew == -INFINITY) continue; /* nothing finite yet (all -inf logits) */
+                if (mnew == -INFINITY) { /* every logit -inf: finite inputs overflowed */
+                    atomic_store(work->overflow, 1);
+                    continue;
+                }
                 const float alpha = mrow[r] == -INFINITY ? 0.0f : exp2f(mrow[r] - mnew);
                 const vf vmn = v_set1(mnew);
                 vf vs = v_zero();
@@ -495,13 +619,17 @@ static void attn_item(const lampe_attn_plan *ap, int64_t item, float *scratch)
         }
     }
 
-    /* Finish: either the final rows, or this chunk's partial (O, max, sum) for the merge. */
-    if (ap->nchunks > 1) {
-        float *po = ap->part_o + item * ap->max_rows * D;
-        float *pml = ap->part_ml + item * ap->max_rows * 2;
+    /* Finish: either the final rows, or this chunk's partial (O, max, sum) for the merge. A sum
+     * that is not finite means a logit of finite inputs overflowed (NaN or inf inputs poison their
+     * rows instead and never reach the sums). */
+    for (int64_t r = 0; r < M; r++)
+        if (!poisoned[r] && !(lrow[r] < INFINITY)) atomic_store(work->overflow, 1);
+    if (work->nchunks > 1) {
+        float *po = work->part_o + item * work->max_rows * D;
+        float *pml = work->part_ml + item * work->max_rows * 2;
         memcpy(po, O, (size_t)(M * D) * 4);
         for (int64_t r = 0; r < M; r++) {
-            pml[2 * r] = mrow[r];
+            pml[2 * r] = poisoned[r] ? NAN : mrow[r];
             pml[2 * r + 1] = lrow[r];
         }
         return;
@@ -512,11 +640,11 @@ static void attn_item(const lampe_attn_plan *ap, int64_t item, float *scratch)
         float *Or = O + r * D;
         const float l = lrow[r];
         const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-        for (int64_t d = 0; d < D; d++) Or[d] *= inv;
+        for (int64_t d = 0; d < D; d++) Or[d] = poisoned[r] ? NAN : Or[d] * inv;
         cvt_row_from_f32(p->dtype, Or, obase + (size_t)(b * p->out_stride[0] + h * p->out_stride[1] + t * p->out_stride[2]) * es, D);
         if (p->lse)
             p->lse[b * p->lse_stride[0] + h * p->lse_stride[1] + t * p->lse_stride[2]] =
-                l > 0.0f ? (mrow[r] + log2f(l)) * LN2 : -INFINITY;
+                poisoned[r] ? NAN : l > 0.0f ? (mrow[r] + log2f(l)) * LN2 : -INFINITY;
     }
 }
 

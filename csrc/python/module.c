@@ -245,7 +245,7 @@ static int plan_from_tuple(PyObject *t, lampe_plan *plan, PyArrayObject **keep)
     if (!PyArg_ParseTuple(t, "OLLLLLLLiii;plan must be a tuple (mapped_ids, L, H, T, U, R, b1, b2, fallback, decode, mode)",
                           &mo, &L, &H, &T, &U, &R, &b1, &b2, &fb, &decode, &mode))
         return 0;
-    if (mode < LAMPE_MODE_REFERENCE || mode > LAMPE_MODE_REROPE) {
+    if (mode < LAMPE_MODE_LAMPE || mode > LAMPE_MODE_REROPE) {
         PyErr_SetString(PyExc_ValueError, "plan: unknown mode");
         return 0;
     }
@@ -267,7 +267,7 @@ static int plan_from_tuple(PyObject *t, lampe_plan *plan, PyArrayObject **keep)
     plan->decode = decode;
     plan->mode = mode;
     plan->mapped_ids = (const int64_t *)PyArray_DATA(m);
-    if (H < 1 || U < 1 || R < 0 || (mode == LAMPE_MODE_REFERENCE && !fb && (R < 1 || R > L - H))) {
+    if (H < 1 || U < 1 || R < 0 || (mode == LAMPE_MODE_LAMPE && !fb && (R < 1 || R > L - H))) {
         PyErr_SetString(PyExc_ValueError, "plan: inconsistent fields");
         return 0;
     }
@@ -301,7 +301,7 @@ static PyObject *py_regions(PyObject *self, PyObject *args)
             Py_DECREF(out);
             return PyErr_Format(PyExc_ValueError, "position must be >= 0, got %lld", (long long)position);
         }
-        if (plan.mode != LAMPE_MODE_REFERENCE && position >= plan.length) {
+        if (plan.mode != LAMPE_MODE_LAMPE && position >= plan.length) {
             Py_DECREF(out);
             return PyErr_Format(PyExc_ValueError, "position %lld is beyond the planned length %lld: SelfExtend and "
                                 "ReRoPE plans cover every position below their length (plan the total length)",
@@ -466,18 +466,20 @@ static PyObject *py_rope(PyObject *self, PyObject *args, PyObject *kw)
 static PyObject *py_attention(PyObject *self, PyObject *args, PyObject *kw)
 {
     (void)self;
-    static char *kwlist[] = {"q", "k", "v", "out", "lse", "key_offsets", "plans", "inv_freq", "rotary_dim",
-                             "layout", "amplitude", "scale", "bf16", "rope_cos", "rope_sin", "num_threads", NULL};
-    PyObject *qo, *ko, *vo, *oo, *lo, *offo, *plo, *fo, *co, *so;
+    static char *kwlist[] = {"q", "k", "v", "out", "lse", "key_offsets", "key_counts", "query_starts", "plans",
+                             "inv_freq", "rotary_dim", "layout", "amplitude", "scale", "softcap", "bf16", "rope_cos",
+                             "rope_sin", "num_threads", NULL};
+    PyObject *qo, *ko, *vo, *oo, *lo, *offo, *cnto, *qso, *plo, *fo, *co, *so;
     long long rotary_dim;
     int layout, bf16, nth;
-    double amp, scale;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOOOLiddpOOi:attention", kwlist, &qo, &ko, &vo, &oo, &lo, &offo,
-                                     &plo, &fo, &rotary_dim, &layout, &amp, &scale, &bf16, &co, &so, &nth))
+    double amp, scale, softcap;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOOOOOLidddpOOi:attention", kwlist, &qo, &ko, &vo, &oo, &lo,
+                                     &offo, &cnto, &qso, &plo, &fo, &rotary_dim, &layout, &amp, &scale, &softcap,
+                                     &bf16, &co, &so, &nth))
         return NULL;
     if (!PyArray_Check(qo)) return PyErr_Format(PyExc_TypeError, "q must be a numpy.ndarray");
     const int type = PyArray_TYPE((PyArrayObject *)qo);
-    PyArrayObject *q, *k, *v, *out, *lse = NULL, *offs, *freq, *tc = NULL, *ts = NULL;
+    PyArrayObject *q, *k, *v, *out, *lse = NULL, *offs, *cnts, *qss, *freq, *tc = NULL, *ts = NULL;
     if (!check_array(qo, "q", type, 4, &q) || !check_array(ko, "k", type, 4, &k) ||
         !check_array(vo, "v", type, 4, &v) || !check_array(oo, "out", type, 4, &out))
         return NULL;
@@ -509,6 +511,14 @@ static PyObject *py_attention(PyObject *self, PyObject *args, PyObject *kw)
     if (!check_array(offo, "key_offsets", NPY_INT64, 1, &offs)) return NULL;
     if (PyArray_DIM(offs, 0) != B || !PyArray_IS_C_CONTIGUOUS(offs))
         return PyErr_Format(PyExc_ValueError, "key_offsets must be a contiguous int64 array of B entries");
+    if (!check_array(cnto, "key_counts", NPY_INT64, 1, &cnts)) return NULL;
+    if (PyArray_DIM(cnts, 0) != B || !PyArray_IS_C_CONTIGUOUS(cnts))
+        return PyErr_Format(PyExc_ValueError, "key_counts must be a contiguous int64 array of B entries");
+    if (!check_array(qso, "query_starts", NPY_INT64, 1, &qss)) return NULL;
+    if (PyArray_DIM(qss, 0) != B || !PyArray_IS_C_CONTIGUOUS(qss))
+        return PyErr_Format(PyExc_ValueError, "query_starts must be a contiguous int64 array of B entries");
+    if (!(softcap >= 0.0 && softcap < 3.4e38))
+        return PyErr_Format(PyExc_ValueError, "softcap must be a finite number >= 0 (0: none)");
     if (!PyList_Check(plo) || PyList_GET_SIZE(plo) != B)
         return PyErr_Format(PyExc_TypeError, "plans must be a list of B entries (None or a plan tuple)");
     if (!check_array(fo, "inv_freq", NPY_FLOAT32, 1, &freq)) return NULL;
@@ -530,13 +540,21 @@ static PyObject *py_attention(PyObject *self, PyObject *args, PyObject *kw)
         return PyErr_NoMemory();
     }
     PyObject *result = NULL;
-    const int64_t *off = (const int64_t *)PyArray_DATA(offs);
+    const int64_t *off = (const int64_t *)PyArray_DATA(offs), *cnt = (const int64_t *)PyArray_DATA(cnts);
+    const int64_t *qst = (const int64_t *)PyArray_DATA(qss);
     for (int64_t b = 0; b < B; b++) {
         if (off[b] < 0 || off[b] > Lk) {
             PyErr_Format(PyExc_ValueError, "key_offsets[%lld] must be in [0, %lld]", (long long)b, (long long)Lk);
             goto done;
         }
+        if (cnt[b] < 0 || cnt[b] > Lk - off[b]) {
+            PyErr_Format(PyExc_ValueError, "key_counts[%lld] must be in [0, %lld]", (long long)b,
+                         (long long)(Lk - off[b]));
+            goto done;
+        }
         seqs[b].key_offset = off[b];
+        seqs[b].key_count = cnt[b];
+        seqs[b].query_start = qst[b];
         PyObject *item = PyList_GET_ITEM(plo, b);
         if (item == Py_None) {
             seqs[b].plan = NULL;
@@ -570,11 +588,17 @@ static PyObject *py_attention(PyObject *self, PyObject *args, PyObject *kw)
     p.rope_table_len = tab_len;
     p.amplitude = (float)amp;
     p.scale = (float)scale;
+    p.softcap = (float)softcap;
     p.num_threads = nth;
     int st;
     Py_BEGIN_ALLOW_THREADS
     st = lampe_attention(&p);
     Py_END_ALLOW_THREADS
+    if (st == LAMPE_ERR_OVERFLOW) {
+        PyErr_Format(PyExc_ValueError, "scale: a logit overflows float32 with scale=%g (scale * <q, k> is beyond "
+                     "3.4e38 for some finite q, k); use a smaller scale", scale);
+        goto done;
+    }
     if (st) {
         raise_status(st, "attention");
         goto done;
@@ -615,6 +639,8 @@ PyMODINIT_FUNC PyInit__C(void)
     PyObject *m = PyModule_Create(&moduledef);
     if (!m) return NULL;
     PyModule_AddIntConstant(m, "MAX_LENGTH", (long)LAMPE_MAX_LENGTH);
+    PyModule_AddIntConstant(m, "MAX_POSITIONS", (long)LAMPE_MAX_POSITIONS);
+    PyModule_AddIntConstant(m, "MAX_GROUP", (long)LAMPE_MAX_GROUP);
     PyModule_AddStringConstant(m, "C_VERSION", LAMPE_VERSION_STRING);
     return m;
 }
