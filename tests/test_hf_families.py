@@ -38,8 +38,7 @@ SPECS = {
                   dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16)),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(head_dim=16)),
-    # soft-capping off here; the default 50.0 is tested below (it needs the kernel's softcap)
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(GEMMA_LAYERS, attn_logit_softcapping=None)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(GEMMA_LAYERS)),  # attention-logit soft-capping 50
     "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM",
                     dict(GEMMA_LAYERS, layer_types=["sliding_attention", "full_attention"] * 2)),
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(rotary_pct=0.25, partial_rotary_factor=0.25)),
@@ -121,8 +120,10 @@ def reference_model(model, family, config: lampe.LampeConfig, prompt_length):
     def attention(module, q, k, v, mask, dropout=0.0, scaling=None, **kw):
         if module in local:
             return eager(module, q, k, v, mask, dropout=dropout, scaling=scaling, **kw)
+        softcap = getattr(module, "attn_logit_softcapping", None)
         out = lampe.reference.attention(q.numpy(), k.numpy(), v.numpy(), config, inv_freq,
-                                        prompt_length=prompt_length, rotary_dim=rd, layout=layout, scale=scaling)
+                                        prompt_length=prompt_length, rotary_dim=rd, layout=layout, scale=scaling,
+                                        softcap=softcap)
         return torch.from_numpy(out).transpose(1, 2).contiguous(), None
 
     compat.AttentionInterface.register(_REF_NAME, attention)
@@ -241,14 +242,25 @@ def test_training_gradients_equal_the_torch_backend(family):
 # ---------------------------------------------------------------- family specifics
 
 
-@pytest.mark.skipif(not supported_here("gemma2"), reason="no Gemma 2")
-@pytest.mark.xfail(strict=True, reason="needs softcap in the kernel contract (core's contract extension)")
-def test_gemma2_soft_capping_beyond_window():
-    m = tiny("gemma2", attn_logit_softcapping=50.0)
+def test_gemma2_soft_capping_reaches_the_lampe_rows():
+    # A cap of 0.5 bites on the tiny model's logits (50, the default, hardly does).
+    m = tiny("gemma2", attn_logit_softcapping=0.5)
+    with torch.no_grad():  # logits of order one, where the cap bites
+        for mod in compat.attention_modules(m):
+            mod.q_proj.weight.mul_(8)
+            mod.k_proj.weight.mul_(8)
     x = ids(100)
-    with torch.no_grad(), lampe.patched(m, **SMALL):
-        logits = m(x).logits
-    assert torch.isfinite(logits).all()
+    with torch.no_grad(), lampe.patched(m, **SMALL) as h:
+        capped = m(x).logits
+        cfg = h.config
+    ref = reference_model(m, "gemma2", cfg, prompt_length=100)
+    with torch.no_grad():
+        want = ref(x).logits
+        for mod in compat.attention_modules(ref):
+            mod.attn_logit_softcapping = None
+        uncapped = ref(x).logits
+    assert rel_err(capped, want) < 1e-4
+    assert rel_err(uncapped, want) > 1e-3  # the cap matters here
 
 
 def test_local_layers_keep_their_own_attention():

@@ -506,6 +506,11 @@ class LampeHandle:
         if dropout:
             raise NotImplementedError(f"lampe: attention dropout ({dropout}) is not supported on rows that run LaMPE; "
                                       "set the model's attention_dropout to 0 or call model.eval()")
+        if (len(lampe_rows) == B and not any(lay.start) and not any(lay.holes)
+                and self._specs[module].config.mode not in _BASELINES):
+            # The common case: every row runs LaMPE from its first query row: one kernel call,
+            # each row's valid keys, own positions and plan passed per row.
+            return self._lampe_batch(module, rotary, query, key, value, scaling, lay), None
         if len(lampe_rows) < B or any(lay.start[b] > 0 for b in lampe_rows):
             # Rows (or first query rows) below active_from: the model's own attention for those.
             out = self._own(module, query, key, value, attention_mask, dropout, scaling, kwargs, call, lay)[0].clone()
@@ -530,6 +535,21 @@ class LampeHandle:
         fn = compat.previous_attention(self.compute_impl, module)
         return fn(module, q_rot, k_rot, value, mask, dropout=dropout, scaling=scaling, **kwargs)
 
+    def _lampe_batch(self, module, rotary, query, key, value, scaling, lay):
+        """All rows in one call (kernel contract: per-row key_padding_mask, query_start, plan)."""
+        kpm = qs = None
+        plans = lay.plan
+        if lay.valid is not None:
+            kpm = lay.on("kpm", query.device, lambda: torch.from_numpy(lay.valid).to(query.device))
+            qs = torch.tensor([lay.q0 - o for o in lay.offset], dtype=torch.int64)
+            plans = [p + o for p, o in zip(lay.plan, lay.offset)]  # the kernel counts prompts in key indices
+        elif lay.q0 + lay.Tq != lay.Tk:  # no mask, but keys past the queries (a static cache's prefill)
+            kpm = (torch.arange(lay.Tk, device=query.device) < lay.q0 + lay.Tq).expand(lay.B, lay.Tk)
+            qs = torch.full((lay.B,), lay.q0, dtype=torch.int64)
+        res = self._kernel(module, rotary, query, key, value, plans, scaling, key_padding_mask=kpm,
+                           query_start=qs)
+        return res.transpose(1, 2)
+
     def _lampe_row(self, module, rotary, query, key, value, scaling, lay, b, out):
         """Row b's LaMPE query rows from lay.start[b] on, into out [B, Tq, Hq, D]: its valid keys
         (gathered when the padding mask has holes), its query rows with their own positions."""
@@ -547,22 +567,23 @@ class LampeHandle:
         else:
             rows = torch.as_tensor(rows, device=query.device)
             q = query[b:b + 1].index_select(2, rows)
-        res = self._kernel(module, rotary, q, k, v, lay.plan[b], scaling)  # [1, Hq, n, D]
+        res = self._kernel(module, rotary, q, k, v, [lay.plan[b]], scaling)  # [1, Hq, n, D]
         out[b, rows] = res[0].transpose(0, 1).to(out.dtype)
 
-    def _kernel(self, module, rotary, q, k, v, prompt_length, scaling):
+    def _kernel(self, module, rotary, q, k, v, plans, scaling, key_padding_mask=None, query_start=None):
+        """LaMPE attention of rows with the given plans (prompt lengths, one per row)."""
         spec = self._specs[module]
         inv_freq = rotary.inv_freq().detach().float()
-        pl = None if spec.config.mode in _BASELINES else prompt_length
+        pl = None if spec.config.mode in _BASELINES else torch.tensor(plans, dtype=torch.int64)
         if self.backend != "torch" and _op_available(q.device):
             mode, window, sink, u, sigmoid, temperature = spec.numbers
             return torch.ops.lampe.attention(
-                q, k, v, inv_freq.to(q.device), None if pl is None else torch.tensor([pl], dtype=torch.int64), None,
-                None, mode, window, sink, u, sigmoid, temperature, spec.softcap, spec.rotary_dim,
-                spec.layout == "interleaved", float(scaling), 0)[0]
-        kw = {"softcap": spec.softcap} if spec.softcap else {}
+                q, k, v, inv_freq.to(q.device), pl, key_padding_mask, query_start, mode, window, sink, u, sigmoid,
+                temperature, spec.softcap, spec.rotary_dim, spec.layout == "interleaved", float(scaling), 0)[0]
         return torch_backend.attention(q, k, v, config=spec.config, inv_freq=inv_freq, prompt_length=pl,
-                                       rotary_dim=spec.rotary_dim, layout=spec.layout, scale=scaling, **kw)
+                                       key_padding_mask=key_padding_mask, query_start=query_start,
+                                       rotary_dim=spec.rotary_dim, layout=spec.layout, scale=scaling,
+                                       softcap=spec.softcap or None)
 
 
 class _LayerSpec(NamedTuple):
