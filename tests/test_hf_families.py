@@ -58,7 +58,8 @@ def tiny(family, seed=0, dtype=torch.float32, **extra):
     kw.update(extra)
     torch.manual_seed(seed)
     cfg = getattr(T, cfg_name)(**kw)
-    impl = "eager" if family == "gemma2" and compat.VERSION >= (5, 0) else "sdpa"  # 5.x Gemma 2: eager only
+    # Gemma 2 soft-caps in eager attention only (5.x allows nothing else; 4.57's sdpa drops the cap)
+    impl = "eager" if family == "gemma2" else "sdpa"
     cfg._attn_implementation = impl
     return getattr(T, model_name)(cfg).eval().to(dtype)
 
