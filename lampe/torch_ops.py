@@ -47,6 +47,8 @@ _LAMPE_MODE = "lampe" if "lampe" in _config.MODES else "reference"
 _CONFIG_MODE = {"lampe": _LAMPE_MODE, "selfextend": "selfextend", "rerope": "rerope"}
 _OP_MODE = {v: k for k, v in _CONFIG_MODE.items()}
 _OP_MODE.update({"lampe": "lampe", "reference": "lampe"})
+#: Query rows per recomputation in the backward (bounds its memory).
+_BACKWARD_CHUNK = 128
 
 
 # ------------------------------------------------------------------------------ config <-> numbers
@@ -173,19 +175,41 @@ def attention_backward_op(grad_out: torch.Tensor, grad_lse: Optional[torch.Tenso
                           rotary_dim: int, interleaved: bool,
                           scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of lampe::attention: the pure-torch backend's forward, recomputed and
-    differentiated (any device)."""
+    differentiated (any device), _BACKWARD_CHUNK query rows at a time so that memory stays
+    O(chunk x Lk) per head, never O(Lq x Lk)."""
     cfg = config_from_numbers(mode, window, sink, mapping_length, sigmoid, temperature)
-    kw = _keywords(prompt_length, key_padding_mask, query_start, softcap, rotary_dim, interleaved, scale)
+    B, _, Lq, _ = q.shape
+    Lk = k.shape[2]
+    if Lq > _BACKWARD_CHUNK and query_start is None:  # each chunk needs its own first position
+        off = torch.zeros(B, dtype=torch.int64)
+        if key_padding_mask is not None:
+            m = key_padding_mask.detach().to("cpu")
+            off = torch.where(m.any(dim=1), m.to(torch.int8).argmax(dim=1), Lk).to(torch.int64)
+        query_start = Lk - Lq - off
+    dq = torch.zeros_like(q)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     with _autograd_inside_op():
-        leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
-        out, lse = torch_backend.attention(*leaves, config=cfg, inv_freq=inv_freq, return_lse=True, **kw)
-        outputs, grads = [out], [grad_out.to(out.dtype)]
-        if grad_lse is not None:
-            # Rows without keys keep lse = -inf and no graph; their gradient is zero.
-            outputs.append(lse)
-            grads.append(torch.where(torch.isfinite(lse), grad_lse.to(lse.dtype), 0.0))
-        got = torch.autograd.grad(outputs, leaves, grads, allow_unused=True)
-    return tuple(torch.zeros_like(x) if g is None else g.to(x.dtype) for g, x in zip(got, (q, k, v)))
+        kl, vl = (x.detach().requires_grad_(True) for x in (k, v))
+        for t0 in range(0, Lq, _BACKWARD_CHUNK):
+            t1 = min(Lq, t0 + _BACKWARD_CHUNK)
+            ql = q[:, :, t0:t1].detach().requires_grad_(True)
+            qs = None if query_start is None else query_start + t0
+            kw = _keywords(prompt_length, key_padding_mask, qs, softcap, rotary_dim, interleaved, scale)
+            out, lse = torch_backend.attention(ql, kl, vl, config=cfg, inv_freq=inv_freq, return_lse=True, **kw)
+            outputs, grads = [out], [grad_out[:, :, t0:t1].to(out.dtype)]
+            if grad_lse is not None:
+                # Rows without keys keep lse = -inf and no graph; their gradient is zero.
+                outputs.append(lse)
+                grads.append(torch.where(torch.isfinite(lse), grad_lse[:, :, t0:t1].to(lse.dtype), 0.0))
+            gq, gk, gv = torch.autograd.grad(outputs, (ql, kl, vl), grads, allow_unused=True)
+            if gq is not None:
+                dq[:, :, t0:t1] = gq.to(dq.dtype)
+            if gk is not None:
+                dk += gk.float()
+            if gv is not None:
+                dv += gv.float()
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
 @attention_backward_op.register_fake

@@ -174,3 +174,30 @@ def test_torch_compile_inductor_forward_and_backward():
     torch.compile(fn, fullgraph=True)(*b).backward()
     for x, y in zip(a, b):
         assert torch.allclose(x.grad, y.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["lampe", "selfextend"])
+def test_backward_in_query_chunks_equals_one_piece(monkeypatch, mode):
+    import lampe.torch_ops as ops
+    q, k, v = args(seed=7, B=2, Lq=23, Lk=30, D=16)
+    f = inv_freq(16)
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    mask[1, :3] = False
+    mask[0, 28:] = False  # trailing slots never attended (a static cache's tail)
+    cfg = LAMPE if mode == "lampe" else lampe.LampeConfig.selfextend(window=4, group=3)
+    pl = torch.tensor([25, 27]) if mode == "lampe" else None
+    go = torch.randn(q.shape)
+    grads = []
+    for chunk in (1000, 5):
+        monkeypatch.setattr(ops, "_BACKWARD_CHUNK", chunk)
+        a = [x.clone().requires_grad_() for x in (q, k, v)]
+        out, lse = lampe_attention(*a, cfg, f, prompt_length=pl, key_padding_mask=mask)
+        ((out * go).sum() + torch.where(torch.isfinite(lse), lse, 0.0).sum()).backward()
+        grads.append([x.grad for x in a])
+    b = [x.clone().requires_grad_() for x in (q, k, v)]
+    out2, lse2 = torch_backend.attention(*b, config=cfg, inv_freq=f, prompt_length=pl, key_padding_mask=mask,
+                                         return_lse=True)
+    ((out2 * go).sum() + torch.where(torch.isfinite(lse2), lse2, 0.0).sum()).backward()
+    for one, chunked, ref in zip(grads[0], grads[1], [x.grad for x in b]):
+        assert (chunked - one).abs().max() <= 1e-5 * one.abs().max()
+        assert (chunked - ref).abs().max() <= 1e-5 * ref.abs().max()
