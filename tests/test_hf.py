@@ -635,3 +635,20 @@ def test_compile_with_a_padding_mask_runs_attention_outside_the_graph():
         torch._dynamo.reset()
         compiled = torch.compile(m, backend="eager")(x, attention_mask=am).logits
     assert torch.allclose(compiled, eager, atol=1e-5)
+
+
+def test_packed_sequences_beyond_active_from_are_refused():
+    m = tiny("llama")
+    x = ids(100)
+    with torch.no_grad(), lampe.patched(m, **SMALL):
+        # documents of 50 and 50 tokens: without a cache transformers builds a block-diagonal mask
+        # and every document stays below active_from: the model's own attention, bit for bit
+        halves = torch.cat([torch.arange(50), torch.arange(50)])[None]
+        short = m(x, position_ids=halves, use_cache=False).logits
+        with pytest.raises(NotImplementedError, match="packed"):
+            m(x, position_ids=torch.cat([torch.arange(30), torch.arange(70)])[None], use_cache=False)
+        with pytest.raises(NotImplementedError, match="packed"):  # with a cache: one causal run, restarting
+            m(x, position_ids=halves, use_cache=True)
+    with torch.no_grad():
+        want = m(x, position_ids=halves, use_cache=False).logits
+    assert torch.equal(short, want)

@@ -411,6 +411,8 @@ class LampeHandle:
         lay = _Layout(B, Tq, Tk, q0, valid)
         state = cache.__dict__.get("_lampe_state") if cache is not None else None
         self._plan_rows(lay, state)
+        if not compiling and Tq > 1 and any(s < Tq for s in lay.start):
+            _check_one_sequence_per_row(lay, call.position_ids, mask)
         lay.kpos = self._key_positions(lay, call, state, device)
         if not compiling:  # traced code recomputes per layer (plain integers; the same answer)
             lay.refs = tuple(_weak(x) for x in (mask, call.position_ids, cache))
@@ -624,6 +626,36 @@ def _weak(x):
         return weakref.ref(x)
     except TypeError:  # pragma: no cover - objects without weakref support
         return lambda: x
+
+
+def _check_one_sequence_per_row(lay, position_ids, mask):
+    """LaMPE numbers a row's valid tokens as one sequence. Packed sequences (several documents in
+    a row: position_ids restarting, or a block-diagonal mask in which queries before the last
+    document see keys of their own) are not that: refuse them rather than attend wrongly."""
+    before = None
+    if mask is not None:
+        seen = mask[:, 0]
+        seen = (seen if seen.dtype == torch.bool else compat.float_mask_valid(seen)).any(dim=-1)
+        before = seen.expand(lay.B, lay.Tq).to("cpu").numpy()
+    pos = None
+    if position_ids is not None:
+        pos = position_ids.detach().reshape(-1, lay.Tq).expand(lay.B, lay.Tq).to("cpu").numpy()
+    for b in range(lay.B):
+        if lay.start[b] >= lay.Tq:
+            continue
+        idx = lay.q0 + np.arange(lay.Tq)
+        if before is not None and np.any(before[b] & (idx < lay.offset[b])):
+            bad = True  # queries before the row's first valid key attend keys of their own
+        elif pos is not None:
+            rows = np.arange(lay.Tq) if lay.valid is None else np.flatnonzero(lay.own_positions(b) >= 0)
+            bad = rows.size > 1 and bool(np.any(np.diff(pos[b, rows]) != 1))
+        else:
+            bad = False
+        if bad:
+            raise NotImplementedError(
+                "lampe: a row holding several sequences (packed sequences: position_ids restarting, a "
+                "block-diagonal mask) reaches beyond active_from; LaMPE numbers a row's valid tokens as one "
+                "sequence: pass one sequence per row (with an attention_mask for padding)")
 
 
 def _op_available(device) -> bool:
