@@ -47,6 +47,11 @@ def attention(q, k, v, *, config, inv_freq, prompt_length=None, key_padding_mask
     prompt of length L passes prompt_length=L. ``key_padding_mask`` [B, Lk] bool, True = valid,
     left padding only. ``config=None`` is ordinary causal RoPE attention. Returns out in the
     input dtype (and lse [B, Hq, Lq] float32 when ``return_lse``)."""
+    if is_torch(q) and q.device.type == "cuda":  # lampe._cuda, or the pure-torch backend (lampe/cuda.py)
+        from .cuda import attention as cuda_attention
+        return cuda_attention(q, k, v, config=config, inv_freq=inv_freq, prompt_length=prompt_length,
+                              key_padding_mask=key_padding_mask, rotary_dim=rotary_dim, layout=layout, scale=scale,
+                              return_lse=return_lse, out=out)
     qa, bf16, dname = kernel_view(q, "q")
     ka, kbf, kname = kernel_view(k, "k")
     va, vbf, vname = kernel_view(v, "v")

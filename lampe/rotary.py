@@ -36,6 +36,9 @@ def rope(x, positions, inv_freq, layout: str = "half", rotary_dim=None, amplitud
     rotate; ``layout`` "half" pairs dim k with k + rotary_dim/2, "interleaved" pairs 2k with 2k+1.
     float32, float16 and bfloat16 (torch) in and out, float32 arithmetic. Returns a new array or
     tensor unless ``out`` is given (``out`` may be ``x`` itself)."""
+    if is_torch(x) and x.device.type == "cuda":  # lampe._cuda, or the pure-torch backend (lampe/cuda.py)
+        from .cuda import rope as cuda_rope
+        return cuda_rope(x, positions, inv_freq, layout=layout, rotary_dim=rotary_dim, amplitude=amplitude, out=out)
     xa, bf16, _ = kernel_view(x, "x")
     if xa.ndim < 2:
         raise ValueError(f"x must have at least 2 dimensions [..., L, head_dim], got shape {tuple(xa.shape)}")

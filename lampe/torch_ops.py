@@ -66,3 +66,6 @@ def lampe_attention(q, k, v, config: Optional[LampeConfig], inv_freq, *, prompt_
         q, k, v, inv_freq, prompt_length, key_padding_mask, c is not None, c.window if c else 1, c.sink if c else 1,
         mapping_length or 1, preset, (c.pretrained_window or 0) if c else 0, c.temperature if c else 1.0,
         rotary_dim or 0, layout == "interleaved", float(scale or 0.0), int(num_threads or 0))
+
+
+from . import cuda as _cuda  # noqa: F401,E402  (registers the CUDA kernel or the pure-torch fallback)
