@@ -72,6 +72,22 @@ def _load() -> None:
         return
     _cuda = mod
     _reason = "built"
+    _register_fakes()
+
+
+def _register_fakes() -> None:
+    """Shapes of lampe_cuda's ops for torch.compile / opcheck (the kernels allocate nothing else)."""
+    try:
+        @torch.library.register_fake("lampe_cuda::attention")
+        def _(q, k, v, *args):
+            B, Hq, Lq, D = q.shape
+            return q.new_empty((B, Hq, Lq, D)), q.new_empty((B, Hq, Lq), dtype=torch.float32)
+
+        @torch.library.register_fake("lampe_cuda::rope")
+        def _(x, positions, inv_freq, rotary_dim, interleaved, amplitude):
+            return torch.empty_like(x, memory_format=torch.contiguous_format)
+    except (AttributeError, RuntimeError):  # torch < 2.4: no fake registration, eager use only
+        pass
 
 
 def available() -> bool:
