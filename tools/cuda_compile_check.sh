@@ -20,6 +20,7 @@ else
     ls csrc/cuda/*.cu | xargs -P "$JOBS" -I{} sh -c '
         f={}; o='"$tmp"'/$(basename "$f").o
         if '"$NVCC"' -std=c++17 -O3 --expt-relaxed-constexpr -Icsrc/cuda -c "$f" -o "$o" \
+            -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
             -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90a,code=sm_90a 2>"$o.log"; then
             echo "  ok   $f (sm_80, sm_90a)"
         else
