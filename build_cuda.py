@@ -65,6 +65,15 @@ def _cuda_extension():
     wanted = _wanted()
     if wanted == "no":
         return None, None
+    nvcc = _nvcc()
+    if nvcc and not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
+        # torch guesses CUDA_HOME from nvcc's directory when unset; an nvcc in /usr/local/bin
+        # would make that /usr/local, which has no lib64/libcudart: take a real toolkit root
+        for root in (os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"):
+            if os.path.exists(os.path.join(root, "include", "cuda_runtime.h")) and \
+                    os.path.isdir(os.path.join(root, "lib64")):
+                os.environ["CUDA_HOME"] = root
+                break
     try:
         import torch
         from torch.utils.cpp_extension import BuildExtension, CUDAExtension
@@ -73,7 +82,6 @@ def _cuda_extension():
             raise RuntimeError("LAMPE_CUDA=1 needs torch in the build environment: install lampe with "
                                "`pip install --no-build-isolation` into an environment that has a CUDA torch")
         return None, None
-    nvcc = _nvcc()
     if torch.version.cuda is None or nvcc is None:
         if wanted == "yes":
             raise RuntimeError(f"LAMPE_CUDA=1 needs a CUDA build of torch (found {torch.__version__}) and nvcc "
@@ -111,8 +119,12 @@ def cuda_build_ext(base):
             super().run()
             cmd = torch_build(self.distribution)
             cmd.inplace = self.inplace
-            cmd.ensure_finalized()
-            cmd.extensions = [ext]
+            saved = self.distribution.ext_modules
+            self.distribution.ext_modules = [ext]  # finalize_options prepares these extensions
+            try:
+                cmd.ensure_finalized()
+            finally:
+                self.distribution.ext_modules = saved
             cmd.build_lib = self.build_lib
             cmd.build_temp = os.path.join(self.build_temp, "cuda")
             cmd.inplace = self.inplace
