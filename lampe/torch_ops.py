@@ -267,3 +267,6 @@ def lampe_attention(q, k, v, config: Optional[LampeConfig], inv_freq, *, prompt_
         q, k, v, inv_freq, _host_lengths(prompt_length, B, "prompt_length"), key_padding_mask,
         _host_lengths(query_start, B, "query_start"), mode, window, sink, mapping_length, sigmoid, temperature,
         float(softcap or 0.0), int(rotary_dim or 0), layout == "interleaved", float(scale or 0.0), int(num_threads or 0))
+
+
+from . import cuda as _cuda  # noqa: F401,E402  (registers the CUDA kernel or the pure-torch fallback)
