@@ -42,11 +42,6 @@ from .config import LampeConfig, MappingSigmoid
 
 #: The op's modes; "causal" is config=None (plain causal RoPE attention).
 OP_MODES = ("causal", "lampe", "selfextend", "rerope")
-# LampeConfig spells LaMPE "lampe" (issue 12) or, before that rename, "reference".
-_LAMPE_MODE = "lampe" if "lampe" in _config.MODES else "reference"
-_CONFIG_MODE = {"lampe": _LAMPE_MODE, "selfextend": "selfextend", "rerope": "rerope"}
-_OP_MODE = {v: k for k, v in _CONFIG_MODE.items()}
-_OP_MODE.update({"lampe": "lampe", "reference": "lampe"})
 #: Query rows per recomputation in the backward (bounds its memory).
 _BACKWARD_CHUNK = 128
 
@@ -82,7 +77,7 @@ def op_numbers(config: Optional[LampeConfig]) -> tuple:
         mapping_length, sigmoid = u, []
     else:
         mapping_length, sigmoid = 0, sigmoid_numbers(config)
-    return _OP_MODE[config.mode], config.window, config.sink, mapping_length, sigmoid, config.temperature
+    return config.mode, config.window, config.sink, mapping_length, sigmoid, config.temperature
 
 
 def config_from_numbers(mode: str, window: int, sink: int, mapping_length: int, sigmoid: Sequence[float],
@@ -100,7 +95,7 @@ def config_from_numbers(mode: str, window: int, sink: int, mapping_length: int, 
                              f"got {len(sigmoid)}")
         a, b, lmax, threshold, below = (float(x) for x in sigmoid)
         u = MappingSigmoid(a, b, lmax, int(threshold), int(below))
-    return LampeConfig(window=int(window), sink=int(sink), mapping_length=u, mode=_CONFIG_MODE[mode],
+    return LampeConfig(window=int(window), sink=int(sink), mapping_length=u, mode=mode,
                        temperature=float(temperature))
 
 

@@ -153,8 +153,8 @@ def test_attention_errors(rng):
         lampe.attention(q, k, k[:, :, :4], config=cfg, inv_freq=f)
     with pytest.raises(ValueError, match="prompt_length"):
         lampe.attention(q, k, k, config=cfg, inv_freq=f, prompt_length=9)
-    with pytest.raises(NotImplementedError, match="decode='reference'"):
-        lampe.attention(q, k, k, config=cfg.replace(decode="reference"), inv_freq=f)
+    with pytest.raises(NotImplementedError, match="decode='authors'"):
+        lampe.attention(q, k, k, config=cfg.replace(decode="authors"), inv_freq=f)
     with pytest.raises(ValueError, match="out"):
         lampe.attention(q, k, k, config=cfg, inv_freq=f, out=np.empty((1, 4, 5, 9), np.float32))
     with pytest.raises(ValueError, match="overlap"):
