@@ -265,6 +265,26 @@ def test_contract_torch_backend_agrees(rng, name):
     np.testing.assert_allclose(lse.numpy()[fin], rlse[fin], rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("name", ["static_cache_middle", "softcap_lampe", "selfextend_trailing"])
+def test_torch_backend_float64_matches_the_reference_to_float64_precision(rng, name):
+    """float64 inputs are computed in float64 (what checks the op's backward at float64 precision
+    rely on): far closer to the reference than any float32 computation could be."""
+    torch = pytest.importorskip("torch")
+    from lampe import torch_backend
+    c = LAYOUTS[name]
+    q, k, v, _ = make(rng, c["B"], c["Hq"], c["Hkv"], c["Lq"], c["Lk"], c["D"], "float32")
+    q, k, v = (x.astype(np.float64) for x in (q, k, v))
+    kw = layout_kwargs(c)
+    f = inv_freq(c["D"])
+    ref, rlse = lampe.reference.attention(q, k, v, c["cfg"], f, return_lse=True, **kw)
+    got, lse = torch_backend.attention(*(torch.from_numpy(x) for x in (q, k, v)), config=c["cfg"], inv_freq=f,
+                                       return_lse=True, **kw)
+    assert got.dtype == torch.float64 and lse.dtype == torch.float64
+    np.testing.assert_allclose(got.numpy(), ref, rtol=0, atol=1e-12)
+    fin = np.isfinite(rlse)
+    np.testing.assert_allclose(lse.numpy()[fin], rlse[fin], rtol=0, atol=1e-12)
+
+
 def test_softcap_changes_the_answer(rng):
     """The cap is applied (a cap far above every logit leaves the answer, a small one changes it)."""
     c = LAYOUTS["softcap_lampe"]
