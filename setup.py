@@ -25,6 +25,8 @@ except ImportError:  # setuptools < 69
     from distutils.dep_util import newer_group
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, ROOT)  # PEP 517 backends do not put the project on sys.path
+from build_cuda import cuda_build_ext  # noqa: E402  the optional lampe._cuda (LAMPE_CUDA=1/0/auto)
 X86 = platform.machine().lower() in ("x86_64", "amd64", "x86-64")
 
 
@@ -111,4 +113,4 @@ ext = Extension(
     libraries=["m"],
 )
 
-setup(ext_modules=[ext], cmdclass={"build_ext": BuildExt})
+setup(ext_modules=[ext], cmdclass={"build_ext": cuda_build_ext(BuildExt)})

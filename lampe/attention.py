@@ -93,6 +93,12 @@ def attention(q, k, v, *, config, inv_freq, prompt_length=None, key_padding_mask
     [B, Hq, Lq] float32 when ``return_lse``); ``out=`` may be any array or tensor of that shape and
     dtype whose elements are distinct and overlap none of q, k, v."""
     refuse_grad("lampe.attention", "lampe.torch_ops.lampe_attention (differentiable)", q=q, k=k, v=v)
+    if is_torch(q) and q.device.type == "cuda":  # lampe._cuda, or the pure-torch backend (lampe/cuda.py)
+        from .cuda import attention as cuda_attention
+        return cuda_attention(q, k, v, config=config, inv_freq=inv_freq, prompt_length=prompt_length,
+                              key_padding_mask=key_padding_mask, query_start=query_start, rotary_dim=rotary_dim,
+                              layout=layout, scale=scale, softcap=softcap, return_lse=return_lse,
+                              num_threads=num_threads, out=out)
     qa, bf16, dname = kernel_view(q, "q")
     ka, kbf, kname = kernel_view(k, "k")
     va, vbf, vname = kernel_view(v, "v")

@@ -68,10 +68,23 @@ def show_config(print_it: bool = True) -> dict:
         else ("torch" if torch is not None else "affinity"),
         "compiler": build["compiler"],
         "cflags": build["cflags"],
-        "cuda": "not built (the CPU package has no CUDA kernels)",
+        "cuda": _cuda_info(),
     }
     if print_it:
         width = max(len(k) for k in cfg)
         for key, val in cfg.items():
             print(f"{key:<{width}} : {val}")
     return cfg
+
+
+def _cuda_info() -> str:
+    """lampe._cuda: built or not (and why), its architectures, the device torch sees."""
+    try:
+        from .cuda import info
+    except Exception as exc:  # noqa: BLE001  show_config must always print
+        return f"unavailable ({exc})"
+    d = info()
+    if not d["built"]:
+        return f"{d['status']}; device: {d['device']}"
+    return f"built for {d['archs']} (torch {d['built_against_torch']}); device: {d['device']}"
+

@@ -14,9 +14,8 @@ from . import _C
 from .config import LampeConfig
 
 REGION_NAMES = ("local", "map", "sink", "full")
-# Both spellings until LampeConfig's rename lands ("lampe" was "reference", "authors" was "reference").
-_DECODE_CODES = {"shifted": 0, "authors": 1, "reference": 1}
-_MODE_CODES = {"lampe": 0, "reference": 0, "selfextend": 1, "rerope": 2}
+_DECODE_CODES = {"shifted": 0, "authors": 1}
+_MODE_CODES = {"lampe": 0, "selfextend": 1, "rerope": 2}
 #: plan.table() refuses to build more entries than this.
 MAX_TABLE_ENTRIES = 10**7
 

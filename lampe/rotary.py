@@ -36,6 +36,9 @@ def rope(x, positions, inv_freq, layout: str = "half", rotary_dim=None, amplitud
     array of x's shape and dtype whose elements are distinct and do not overlap x). No backward:
     a tensor that requires grad is refused."""
     refuse_grad("lampe.rope", "a torch rotation (e.g. transformers' apply_rotary_pos_emb)", x=x)
+    if is_torch(x) and x.device.type == "cuda":  # lampe._cuda, or the pure-torch backend (lampe/cuda.py)
+        from .cuda import rope as cuda_rope
+        return cuda_rope(x, positions, inv_freq, layout=layout, rotary_dim=rotary_dim, amplitude=amplitude, out=out)
     xa, bf16, _ = kernel_view(x, "x")
     if xa.ndim < 2:
         raise ValueError(f"x must have at least 2 dimensions [..., L, head_dim], got shape {tuple(xa.shape)}")

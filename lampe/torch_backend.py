@@ -23,8 +23,9 @@ _CHUNK = 256
 
 def _rotate(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, rotary_dim: int, layout: str,
             amp: float) -> torch.Tensor:
-    """x [..., n, D] (float32) rotated by integer positions pos [n]; float32 angles (spec §0)."""
-    ang = pos.to(torch.float32)[:, None] * inv_freq[None, :]
+    """x [..., n, D] (float32 or float64) rotated by integer positions pos [n]; float32 angles
+    (spec §0), whose cos and sin are taken in x's precision."""
+    ang = (pos.to(torch.float32)[:, None] * inv_freq[None, :]).to(x.dtype)
     c, s = torch.cos(ang) * amp, torch.sin(ang) * amp
     out = x.clone()
     h = rotary_dim // 2
@@ -45,7 +46,9 @@ def attention(q, k, v, *, config: Optional[LampeConfig], inv_freq, prompt_length
     """Same arguments and results as :func:`lampe.attention`, on any torch device, including the
     NaN policy (a row attending a NaN/inf element is NaN; unattended elements never matter) and
     ``query_start``/``softcap``/trailing slots in ``key_padding_mask``; differentiable.
-    ``amplitude`` overrides the config's temperature (e.g. temperature x the model's mscale)."""
+    ``amplitude`` overrides the config's temperature (e.g. temperature x the model's mscale).
+    Computes in float32, or in float64 when q is float64 (then lse is float64 too), so that
+    gradients of this backend can be checked at float64 precision."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -60,9 +63,10 @@ def attention(q, k, v, *, config: Optional[LampeConfig], inv_freq, prompt_length
     amp = (config.temperature if config is not None else 1.0) if amplitude is None else float(amplitude)
     rows = batch_layout(B, Lq, Lk, prompt_length, key_padding_mask, query_start)
     plans = row_plans(config, rows, Lq)
-    qf, kf, vf = q.float(), k.float(), v.float()
-    out = torch.zeros(B, Hq, Lq, D, dtype=torch.float32, device=dev)
-    lse = torch.full((B, Hq, Lq), -math.inf, dtype=torch.float32, device=dev)
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qf, kf, vf = q.to(cdt), k.to(cdt), v.to(cdt)
+    out = torch.zeros(B, Hq, Lq, D, dtype=cdt, device=dev)
+    lse = torch.full((B, Hq, Lq), -math.inf, dtype=cdt, device=dev)
     heads = torch.arange(Hq, device=dev) // G
     for b in range(B):
         o, n = int(rows.key_offset[b]), int(rows.key_count[b])

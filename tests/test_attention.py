@@ -153,8 +153,8 @@ def test_attention_errors(rng):
         lampe.attention(q, k, k[:, :, :4], config=cfg, inv_freq=f)
     with pytest.raises(ValueError, match="prompt_length"):
         lampe.attention(q, k, k, config=cfg, inv_freq=f, prompt_length=9)
-    with pytest.raises(NotImplementedError, match="decode='reference'"):
-        lampe.attention(q, k, k, config=cfg.replace(decode="reference"), inv_freq=f)
+    with pytest.raises(NotImplementedError, match="decode='authors'"):
+        lampe.attention(q, k, k, config=cfg.replace(decode="authors"), inv_freq=f)
     with pytest.raises(ValueError, match="out"):
         lampe.attention(q, k, k, config=cfg, inv_freq=f, out=np.empty((1, 4, 5, 9), np.float32))
     with pytest.raises(ValueError, match="overlap"):
@@ -263,6 +263,26 @@ def test_contract_torch_backend_agrees(rng, name):
     fin = np.isfinite(rlse)
     assert np.array_equal(np.isfinite(lse.numpy()), fin)
     np.testing.assert_allclose(lse.numpy()[fin], rlse[fin], rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["static_cache_middle", "softcap_lampe", "selfextend_trailing"])
+def test_torch_backend_float64_matches_the_reference_to_float64_precision(rng, name):
+    """float64 inputs are computed in float64 (what checks the op's backward at float64 precision
+    rely on): far closer to the reference than any float32 computation could be."""
+    torch = pytest.importorskip("torch")
+    from lampe import torch_backend
+    c = LAYOUTS[name]
+    q, k, v, _ = make(rng, c["B"], c["Hq"], c["Hkv"], c["Lq"], c["Lk"], c["D"], "float32")
+    q, k, v = (x.astype(np.float64) for x in (q, k, v))
+    kw = layout_kwargs(c)
+    f = inv_freq(c["D"])
+    ref, rlse = lampe.reference.attention(q, k, v, c["cfg"], f, return_lse=True, **kw)
+    got, lse = torch_backend.attention(*(torch.from_numpy(x) for x in (q, k, v)), config=c["cfg"], inv_freq=f,
+                                       return_lse=True, **kw)
+    assert got.dtype == torch.float64 and lse.dtype == torch.float64
+    np.testing.assert_allclose(got.numpy(), ref, rtol=0, atol=1e-12)
+    fin = np.isfinite(rlse)
+    np.testing.assert_allclose(lse.numpy()[fin], rlse[fin], rtol=0, atol=1e-12)
 
 
 def test_softcap_changes_the_answer(rng):

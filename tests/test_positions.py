@@ -39,7 +39,7 @@ def test_spec_prompt_rows(name):
 def test_spec_decode_rows(name):
     ex = CONFIGS[name]
     shifted = lampe.plan(ex["L"], cfg_of(ex))
-    authors = lampe.plan(ex["L"], cfg_of(ex, decode="reference"))
+    authors = lampe.plan(ex["L"], cfg_of(ex, decode="authors"))
     for D, rows in ex["shifted"].items():
         assert as_rows(shifted.regions(ex["L"] + D - 1)) == expected(rows), f"shifted D={D}"
     for D, rows in ex["decode"].items():
