@@ -10,7 +10,8 @@ import pytest
 import lampe
 from lampe import info
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the directory the tested lampe was imported from (a source tree or site-packages), for subprocesses
+LAMPE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(lampe.__file__)))
 
 
 def test_levels_are_a_line():
@@ -40,7 +41,7 @@ def test_env_cap_picks_best_level_not_above(cap):
     # LAMPE_CPU_ISA caps: a level the CPU lacks runs the best one below it
     avail = lampe.available_isas()
     want = [lvl for lvl in info.ISA_LEVELS[:info.ISA_LEVELS.index(cap) + 1] if lvl in avail][-1]
-    env = dict(os.environ, LAMPE_CPU_ISA=cap, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, LAMPE_CPU_ISA=cap, PYTHONPATH=LAMPE_PARENT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run([sys.executable, "-c", "import lampe.info as i; print(i.current_isa())"], env=env,
                          capture_output=True, text=True, check=True).stdout.strip()
     assert out == want
