@@ -11,6 +11,7 @@ import glob
 import importlib.util
 import os
 import platform
+import sys
 import sysconfig
 import tempfile
 
