@@ -8,6 +8,7 @@ memory placement all move the real ceiling.
     >>> _probes.fma_gflops()                 # widest fp32 FMA the CPU has, one thread
     >>> _probes.fma_gflops(threads=2)        # two threads pinned to two CPUs, aggregate
     >>> _probes.read_gbps(1 << 30)
+    >>> _probes.amx_gflops()                 # TDPBF16PS, where the CPU and OS allow AMX
 
 Every probe returns None (and keeps the reason in ``last_error()``) when it cannot run: no C
 compiler, an ISA the CPU lacks, or pinning refused.
@@ -27,7 +28,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _SRC = os.path.join(_HERE, "probes.c")
 
 # Probe kinds: must match the enum in probes.c.
-_K = {"fma_avx2": 0, "fma_avx512": 1, "bf16_dot": 2, "read_avx2": 3, "read_avx512": 4, "fma_sse": 5}
+_K = {"fma_avx2": 0, "fma_avx512": 1, "bf16_dot": 2, "read_avx2": 3, "read_avx512": 4, "fma_sse": 5, "amx_bf16": 6}
 _ISA_ORDER = ("sse", "avx2", "avx512")  # lowest first
 
 _lib = None
@@ -89,7 +90,8 @@ def compiler_ok() -> bool:
 
 
 def has_isa(name: str) -> bool:
-    """CPU + OS support for ``name`` ("sse", "avx2", "avx512", "avx512bf16"), from CPUID in C."""
+    """CPU + OS support for ``name`` ("sse", "avx2", "avx512", "avx512bf16", "amx"), from CPUID in
+    C (for amx also XCR0 and the Linux permission for the tile data, which this asks for)."""
     lib = _build()
     return bool(lib and lib.probe_has_isa(name.encode()))
 
@@ -188,6 +190,22 @@ def bf16_dot_gflops(seconds: float = 0.5, threads: int = 1, cpus: Optional[Seque
     return _fail(err) if rate is None else rate / 1e9
 
 
+
+def amx_gflops(seconds: float = 0.5, threads: int = 1, cpus: Optional[Sequence[int]] = None) -> Optional[float]:
+    """Peak AMX TDPBF16PS throughput in GFLOP/s (16 x 16 x 32 multiply-adds per instruction, four
+    independent accumulator tiles, operands resident in tiles), or None without AMX."""
+    if _build() is None:
+        return _fail(_lib_error)
+    if not has_isa("amx"):
+        return _fail("no usable AMX (CPUID, XCR0 tile state, OS permission, or a compiler without AMX intrinsics)")
+    cpus, err = _resolve(threads, cpus)
+    if err:
+        return _fail(err)
+    kind = _K["amx_bf16"]
+    rate, err = _timed_rate(kind, threads, cpus, threads * _lib.probe_flop_per_iter(kind), seconds)
+    return _fail(err) if rate is None else rate / 1e9
+
+
 _read_buf = None
 
 
@@ -223,14 +241,18 @@ def release_buffers():
 def measure_all(thread_counts: Sequence[int] = (1, 2), seconds: float = 0.5, read_bytes: int = 1 << 30) -> dict:
     """Every probe at every thread count (those the affinity mask allows), as a JSON-able dict."""
     out = {"compiler_ok": compiler_ok(), "error": _lib_error, "isa": widest_isa(),
-           "avx512bf16": has_isa("avx512bf16") if compiler_ok() else False, "by_threads": {}}
+           "avx512bf16": has_isa("avx512bf16") if compiler_ok() else False,
+           "amx": has_isa("amx") if compiler_ok() else False, "by_threads": {}}
     if not out["compiler_ok"]:
         return out
     for n in thread_counts:
         rec = {"cpus": default_cpus(n)}
-        rec["fma_gflops"] = fma_gflops(seconds=seconds, threads=n)
+        # every vector width the CPU has: a kernel level is measured against its own width's ceiling
+        rec["fma_by_isa"] = {isa: fma_gflops(isa, seconds=seconds, threads=n) for isa in _ISA_ORDER if has_isa(isa)}
+        rec["fma_gflops"] = rec["fma_by_isa"].get(widest_isa())
         rec["fma_error"] = None if rec["fma_gflops"] is not None else last_error()
         rec["bf16_dot_gflops"] = bf16_dot_gflops(seconds=seconds, threads=n)
+        rec["amx_gflops"] = amx_gflops(seconds=seconds, threads=n)
         rec["read_gbps"] = read_gbps(read_bytes, seconds=seconds, threads=n)
         rec["read_error"] = None if rec["read_gbps"] is not None else last_error()
         out["by_threads"][str(n)] = rec

@@ -239,6 +239,30 @@ def timing_fields(r) -> dict:
                 n_clean=r["n_clean"])
 
 
+def isa_levels(dtype_name: str, L: int, args) -> list:
+    """The kernel levels lampe is timed at for this case: the default level without --isa;
+    with --isa, the levels named (``all``: every available one), float32 dropping the levels
+    above avx512 (they run the avx512 float32 kernels), and above --isa-max-length only the best
+    level of the dtype (the full grid at 32K would outlast a session)."""
+    avail = lampe.available_isas()
+    if not args.isa:
+        return [lampe.info.current_isa()]
+    want = avail if "all" in args.isa else [lvl for lvl in avail if lvl in args.isa]
+    if dtype_name != "bf16":
+        want = [lvl for lvl in want if lvl not in ("avx512bf16", "amx")] or want[:1]
+    if L > args.isa_max_length:
+        want = want[-1:]
+    return want
+
+
+def lampe_name(base: str, lvl: str, levels: list, args) -> str:
+    return f"{base}@{lvl}" if args.isa else base
+
+
+def set_level(lvl: str):
+    return lambda: lampe.set_cpu_isa(lvl)
+
+
 def prompt_case(L, dtype_name, nthreads, args, peaks, records, ratios):
     dt = DTYPES[dtype_name]
     B, Hq, Hkv, D = 1, args.hq, args.hkv, args.head_dim
@@ -254,10 +278,18 @@ def prompt_case(L, dtype_name, nthreads, args, peaks, records, ratios):
     pin(nthreads)
     note_lampe = ("fallback (L < 2H): causal with s^2" if plan.fallback
                   else f"U={plan.mapping_length} R={plan.sink_size}")
+    levels = isa_levels(dtype_name, L, args)
+    best = lampe.available_isas()[-1]
 
-    contenders = [
-        ("lampe-LaMPE", lambda: lampe.attention(q, k, v, config=LAMPE_CFG, inv_freq=fnp, num_threads=nthreads), None),
-        ("lampe-causal", lambda: lampe.attention(q, k, v, config=None, inv_freq=fnp, num_threads=nthreads), None),
+    contenders = []
+    for lvl in levels:
+        contenders += [
+            (lampe_name("lampe-LaMPE", lvl, levels, args),
+             lambda: lampe.attention(q, k, v, config=LAMPE_CFG, inv_freq=fnp, num_threads=nthreads), set_level(lvl)),
+            (lampe_name("lampe-causal", lvl, levels, args),
+             lambda: lampe.attention(q, k, v, config=None, inv_freq=fnp, num_threads=nthreads), set_level(lvl)),
+        ]
+    contenders += [
         ("torch-SDPA", lambda: F.scaled_dot_product_attention(
             rope_torch(q, pos, f), rope_torch(k, pos, f), v, is_causal=True, enable_gqa=True), None),
         ("torch-LaMPE", lambda: torch_lampe_prompt(q, k, v, plan, f, LAMPE_CFG.temperature, chunk=args.chunk), None),
@@ -267,10 +299,15 @@ def prompt_case(L, dtype_name, nthreads, args, peaks, records, ratios):
         skip = ("--skip-pure-torch" if args.skip_pure_torch
                 else f"L > --max-pure-torch-length {args.max_pure_torch_length}")
         contenders = [c for c in contenders if c[0] != "torch-LaMPE"]
-    res = time_interleaved(contenders, args.warmup if args.warmup is not None else 1, args.reps, args.wait_idle)
-    peak_name, peak = peaks.compute(dtype_name, nthreads)
-    for name in ("lampe-LaMPE", "lampe-causal", "torch-SDPA", "torch-LaMPE"):
-        rec = dict(kind="prompt", length=L, dtype=dtype_name, threads=nthreads, contender=name, B=B, Hq=Hq,
+    try:
+        res = time_interleaved(contenders, args.warmup if args.warmup is not None else 1, args.reps, args.wait_idle)
+    finally:
+        lampe.set_cpu_isa(best)
+    names = [(lampe_name(b, lvl, levels, args), lvl) for lvl in levels for b in ("lampe-LaMPE", "lampe-causal")]
+    names += [("torch-SDPA", None), ("torch-LaMPE", None)]
+    for name, lvl in names:
+        peak_name, peak = peaks.compute(dtype_name, nthreads, lvl or best)
+        rec = dict(kind="prompt", length=L, dtype=dtype_name, threads=nthreads, contender=name, isa=lvl, B=B, Hq=Hq,
                    Hkv=Hkv, D=D, useful_gflop=flops / 1e9, note=note_lampe if "LaMPE" in name else "")
         if name not in res:
             rec["skipped"] = skip
@@ -282,14 +319,15 @@ def prompt_case(L, dtype_name, nthreads, args, peaks, records, ratios):
     # Sanity: contenders that compute the same thing must agree (bf16 outputs differ by rounding).
     outs = {name: r["out"] for name, r in res.items()}
     times = {name: r["median_s"] for name, r in res.items()}
-    diffs = {"lampe-causal vs torch-SDPA": maxdiff(outs["lampe-causal"], outs["torch-SDPA"])}
-    if "torch-LaMPE" in outs:
-        diffs["torch-LaMPE vs lampe-LaMPE"] = maxdiff(outs["torch-LaMPE"], outs["lampe-LaMPE"])
-    ratios.append(dict(kind="prompt", length=L, dtype=dtype_name, threads=nthreads,
-                       lampe_over_causal=_ratio(times, "lampe-LaMPE", "lampe-causal"),
-                       lampe_over_sdpa=_ratio(times, "lampe-LaMPE", "torch-SDPA"),
-                       pure_torch_over_lampe=_ratio(times, "torch-LaMPE", "lampe-LaMPE"),
-                       clean=all(r["clean"] for r in res.values()), max_abs_diff=diffs))
+    for lvl in levels:
+        lm, lc = lampe_name("lampe-LaMPE", lvl, levels, args), lampe_name("lampe-causal", lvl, levels, args)
+        diffs = {"lampe-causal vs torch-SDPA": maxdiff(outs[lc], outs["torch-SDPA"])}
+        if "torch-LaMPE" in outs:
+            diffs["torch-LaMPE vs lampe-LaMPE"] = maxdiff(outs["torch-LaMPE"], outs[lm])
+        ratios.append(dict(kind="prompt", length=L, dtype=dtype_name, threads=nthreads, isa=lvl,
+                           lampe_over_causal=_ratio(times, lm, lc), lampe_over_sdpa=_ratio(times, lm, "torch-SDPA"),
+                           pure_torch_over_lampe=_ratio(times, "torch-LaMPE", lm),
+                           clean=all(r["clean"] for r in res.values()), max_abs_diff=diffs))
 
 
 def decode_case(Lk, dtype_name, nthreads, args, peaks, records, ratios):
@@ -309,34 +347,47 @@ def decode_case(Lk, dtype_name, nthreads, args, peaks, records, ratios):
     kv_bytes = 2.0 * B * Hkv * Lk * D * q.element_size()
     flops = 4.0 * D * Lk * Hq * B
     pin(nthreads)
-    contenders = [
-        ("lampe-LaMPE", lambda: lampe.attention(q, k, v, config=LAMPE_CFG, inv_freq=fnp, prompt_length=P,
-                                                num_threads=nthreads), None),
-        ("lampe-causal", lambda: lampe.attention(q, k, v, config=None, inv_freq=fnp, num_threads=nthreads), None),
-        ("torch-SDPA", lambda: F.scaled_dot_product_attention(rope_torch(q, last, f), k_rot, v, enable_gqa=True),
-         None),
-    ]
-    res = time_interleaved(contenders, args.warmup if args.warmup is not None else 2, args.reps, args.wait_idle)
-    peak_name, peak = peaks.compute(dtype_name, nthreads)
+    # decode calls are short: every level of --isa at every length
+    levels = isa_levels(dtype_name, 0, args)
+    best = lampe.available_isas()[-1]
+    contenders = []
+    for lvl in levels:
+        contenders += [
+            (lampe_name("lampe-LaMPE", lvl, levels, args),
+             lambda: lampe.attention(q, k, v, config=LAMPE_CFG, inv_freq=fnp, prompt_length=P, num_threads=nthreads),
+             set_level(lvl)),
+            (lampe_name("lampe-causal", lvl, levels, args),
+             lambda: lampe.attention(q, k, v, config=None, inv_freq=fnp, num_threads=nthreads), set_level(lvl)),
+        ]
+    contenders.append(("torch-SDPA", lambda: F.scaled_dot_product_attention(rope_torch(q, last, f), k_rot, v,
+                                                                            enable_gqa=True), None))
+    try:
+        res = time_interleaved(contenders, args.warmup if args.warmup is not None else 2, args.reps, args.wait_idle)
+    finally:
+        lampe.set_cpu_isa(best)
     read = peaks.read(nthreads)
-    notes = {"lampe-LaMPE": f"prompt {P}, U={plan.mapping_length} R={plan.sink_size}",
-             "torch-SDPA": "keys pre-rotated (KV cache), query rotated in timing"}
+    level_of = {lampe_name(b, lvl, levels, args): lvl for lvl in levels for b in ("lampe-LaMPE", "lampe-causal")}
     for name, r in res.items():
+        lvl = level_of.get(name)
+        peak_name, peak = peaks.compute(dtype_name, nthreads, lvl or best)
         med = r["median_s"]
         gbps = kv_bytes / med / 1e9
-        records.append(dict(kind="decode", length=Lk, dtype=dtype_name, threads=nthreads, contender=name, B=B, Hq=Hq,
-                            Hkv=Hkv, D=D, **timing_fields(r), useful_gflop=flops / 1e9, gflops=flops / med / 1e9,
+        note = (f"prompt {P}, U={plan.mapping_length} R={plan.sink_size}" if "LaMPE" in name else
+                "keys pre-rotated (KV cache), query rotated in timing" if name == "torch-SDPA" else "")
+        records.append(dict(kind="decode", length=Lk, dtype=dtype_name, threads=nthreads, contender=name, isa=lvl, B=B,
+                            Hq=Hq, Hkv=Hkv, D=D, **timing_fields(r), useful_gflop=flops / 1e9, gflops=flops / med / 1e9,
                             peak_name=peak_name, peak_gflops=peak,
                             frac_peak=(flops / med / 1e9 / peak) if peak else None,
                             kv_bytes=kv_bytes, gbps=gbps, read_gbps_probe=read,
-                            frac_read=gbps / read if read else None, note=notes.get(name, "")))
+                            frac_read=gbps / read if read else None, note=note))
     times = {name: r["median_s"] for name, r in res.items()}
-    diffs = {"lampe-causal vs torch-SDPA": maxdiff(res["lampe-causal"]["out"], res["torch-SDPA"]["out"])}
-    ratios.append(dict(kind="decode", length=Lk, dtype=dtype_name, threads=nthreads,
-                       lampe_over_causal=_ratio(times, "lampe-LaMPE", "lampe-causal"),
-                       lampe_over_sdpa=_ratio(times, "lampe-LaMPE", "torch-SDPA"),
-                       pure_torch_over_lampe=None, clean=all(r["clean"] for r in res.values()),
-                       max_abs_diff=diffs))
+    for lvl in levels:
+        lm, lc = lampe_name("lampe-LaMPE", lvl, levels, args), lampe_name("lampe-causal", lvl, levels, args)
+        diffs = {"lampe-causal vs torch-SDPA": maxdiff(res[lc]["out"], res["torch-SDPA"]["out"])}
+        ratios.append(dict(kind="decode", length=Lk, dtype=dtype_name, threads=nthreads, isa=lvl,
+                           lampe_over_causal=_ratio(times, lm, lc), lampe_over_sdpa=_ratio(times, lm, "torch-SDPA"),
+                           pure_torch_over_lampe=None, clean=all(r["clean"] for r in res.values()),
+                           max_abs_diff=diffs))
 
 
 def maxdiff(a, b) -> float:
@@ -350,6 +401,10 @@ def _ratio(times, a, b):
 class Peaks:
     """Probe results by thread count, and the matching ceiling for each case."""
 
+    # the vector width each kernel level computes float32 with (the levels above avx512 use
+    # avx512 for float32; the scalar level is compiled for the baseline, SSE2 on x86-64)
+    FMA_WIDTH = {"scalar": "sse", "avx2": "avx2", "avx512": "avx512", "avx512bf16": "avx512", "amx": "avx512"}
+
     def __init__(self, probes: dict):
         self.p = probes
 
@@ -357,11 +412,18 @@ class Peaks:
         rec = self.p.get("by_threads", {}).get(str(n))
         return rec.get(key) if rec else None
 
-    def compute(self, dtype_name, n):
-        if dtype_name != "float32":
-            bf = self._get(n, "bf16_dot_gflops")
-            if bf:
-                return "bf16-dot", bf
+    def compute(self, dtype_name, n, isa=None):
+        """(name, GFLOP/s) of the ceiling of kernel level ``isa`` (default: the widest fp32 FMA):
+        bf16 on amx: the AMX tile probe; bf16 on avx512bf16: VDPBF16PS; otherwise the fp32 FMA
+        probe of the level's vector width."""
+        if dtype_name != "float32" and isa == "amx" and self._get(n, "amx_gflops"):
+            return "amx-bf16", self._get(n, "amx_gflops")
+        if dtype_name != "float32" and isa in ("avx512bf16", "amx") and self._get(n, "bf16_dot_gflops"):
+            return "bf16-dot", self._get(n, "bf16_dot_gflops")
+        width = self.FMA_WIDTH.get(isa) if isa else None
+        by_isa = self._get(n, "fma_by_isa") or {}
+        if width and by_isa.get(width):
+            return f"fp32-fma({width})", by_isa[width]
         fma = self._get(n, "fma_gflops")
         return (f"fp32-fma({self.p.get('isa')})", fma) if fma else (None, None)
 
@@ -389,7 +451,7 @@ def thread_scaling(args, peaks, L):
     out = {"length": L, "dtype": "float32", "contender": "lampe-LaMPE", "by_threads": {}}
     for n in counts:
         r = res[str(n)]
-        _, peak = peaks.compute("float32", n)
+        _, peak = peaks.compute("float32", n, lampe.info.current_isa())
         gf = flops / r["median_s"] / 1e9
         out["by_threads"][str(n)] = dict(**timing_fields(r), gflops=gf, peak_gflops=peak,
                                          frac_peak=gf / peak if peak else None)
@@ -410,29 +472,70 @@ def clean_mark(r) -> str:
     return "ok" if r.get("clean") else "NOISY"
 
 
+def print_isa_summary(records):
+    """The per-level table of issue 10: for each case and kernel level, LaMPE and causal times,
+    LaMPE over causal and over torch SDPA, the fraction of the level's ceiling, and bf16 over
+    lampe's own float32 at the best float32 level (prompt: time ratio f32 / bf16, i.e. the bf16
+    speed-up; decode: the same, plus K+V GB/s over the read probe)."""
+    ok = [r for r in records if "skipped" not in r]
+    lam = [r for r in ok if r["contender"].startswith("lampe-LaMPE") and r.get("isa")]
+    if not lam:
+        return
+    print()
+    print("Per kernel level (lampe LaMPE; ratios are time ratios; 'bf16 x' = lampe float32 at the best float32 "
+          "level / this row, same kind and length):")
+    hdr = (f"{'kind':<6} {'L/Lk':>6} {'dtype':<7} {'thr':>3} {'isa':<10} {'LaMPE ms':>10} {'causal ms':>10} "
+           f"{'SDPA ms':>10} {'L/causal':>8} {'L/SDPA':>7} {'%peak':>6} {'peak':<16} {'%read':>6} {'bf16 x':>6}")
+    print(hdr)
+    print("-" * len(hdr))
+
+    def find(kind, L, dtype, thr, contender_prefix, isa=None):
+        for r in ok:
+            if (r["kind"], r["length"], r["dtype"], r["threads"]) == (kind, L, dtype, thr) and \
+                    r["contender"].startswith(contender_prefix) and (isa is None or r.get("isa") == isa):
+                return r
+        return None
+
+    for r in lam:
+        key = (r["kind"], r["length"], r["dtype"], r["threads"])
+        causal = find(*key, "lampe-causal", r["isa"])
+        sdpa = find(*key, "torch-SDPA")
+        f32 = [x for x in lam if (x["kind"], x["length"], x["dtype"], x["threads"]) == (key[0], key[1], "float32", key[3])]
+        f32_best = min((x["ms"] for x in f32), default=None)
+        speed = f32_best / r["ms"] if f32_best and r["dtype"] != "float32" else None
+        print(f"{key[0]:<6} {key[1]:>6} {key[2]:<7} {key[3]:>3} {r['isa']:<10} {r['ms']:>10.2f} "
+              f"{_fmt(causal and causal['ms'], '.2f'):>10} {_fmt(sdpa and sdpa['ms'], '.2f'):>10} "
+              f"{_fmt(causal and r['ms'] / causal['ms'], '.3f'):>8} {_fmt(sdpa and r['ms'] / sdpa['ms'], '.3f'):>7} "
+              f"{_fmt(r['frac_peak'] and 100 * r['frac_peak'], '.1f'):>6} {r['peak_name'] or '-':<16} "
+              f"{_fmt(r.get('frac_read') and 100 * r['frac_read'], '.1f'):>6} {_fmt(speed, '.2f'):>6}")
+
+
 def print_tables(records, ratios, scaling, probes, args):
     print()
     print(f"Machine ceilings (same run, pinned threads; best of 3; other processes took "
           f"{_fmt(probes.get('other_cpu_pct'), '.0f')}% CPU meanwhile):")
     for n, rec in sorted(probes.get("by_threads", {}).items()):
-        print(f"  {n} thread(s) on CPUs {rec['cpus']}: fp32 FMA ({probes.get('isa')}) {_fmt(rec['fma_gflops'], '.1f')} "
-              f"GFLOP/s, bf16 dot {_fmt(rec['bf16_dot_gflops'], '.1f', 'n/a (no avx512bf16)')}, "
+        fma = ", ".join(f"{isa} {_fmt(v, '.1f')}" for isa, v in (rec.get("fma_by_isa") or {}).items())
+        print(f"  {n} thread(s) on CPUs {rec['cpus']}: fp32 FMA GFLOP/s ({fma or _fmt(rec['fma_gflops'], '.1f')}), "
+              f"bf16 dot {_fmt(rec['bf16_dot_gflops'], '.1f', 'n/a (no avx512bf16)')}, "
+              f"AMX bf16 {_fmt(rec.get('amx_gflops'), '.1f', 'n/a (no amx)')}, "
               f"streaming read {_fmt(rec['read_gbps'], '.1f')} GB/s")
     if not probes.get("compiler_ok"):
         print(f"  probes unavailable: {probes.get('error')}")
     print()
-    hdr = (f"{'kind':<6} {'L/Lk':>6} {'dtype':<7} {'thr':>3} {'contender':<12} {'ms':>10} {'GFLOP/s':>8} "
-           f"{'%peak':>6} {'peak':<15} {'GB/s':>6} {'%read':>6} {'other%':>6} {'clean':>5}  note")
+    cw = max([12] + [len(r["contender"]) for r in records])
+    hdr = (f"{'kind':<6} {'L/Lk':>6} {'dtype':<7} {'thr':>3} {'contender':<{cw}} {'ms':>10} {'GFLOP/s':>8} "
+           f"{'%peak':>6} {'peak':<16} {'GB/s':>6} {'%read':>6} {'other%':>6} {'clean':>5}  note")
     print(hdr)
     print("-" * len(hdr))
     for r in records:
         if "skipped" in r:
-            print(f"{r['kind']:<6} {r['length']:>6} {r['dtype']:<7} {r['threads']:>3} {r['contender']:<12} "
-                  f"{'skipped':>10} {'':>8} {'':>6} {'':<15} {'':>6} {'':>6} {'':>6} {'':>5}  {r['skipped']}")
+            print(f"{r['kind']:<6} {r['length']:>6} {r['dtype']:<7} {r['threads']:>3} {r['contender']:<{cw}} "
+                  f"{'skipped':>10} {'':>8} {'':>6} {'':<16} {'':>6} {'':>6} {'':>6} {'':>5}  {r['skipped']}")
             continue
-        print(f"{r['kind']:<6} {r['length']:>6} {r['dtype']:<7} {r['threads']:>3} {r['contender']:<12} "
+        print(f"{r['kind']:<6} {r['length']:>6} {r['dtype']:<7} {r['threads']:>3} {r['contender']:<{cw}} "
               f"{r['ms']:>10.2f} {r['gflops']:>8.1f} {_fmt(r['frac_peak'] and 100 * r['frac_peak'], '.1f'):>6} "
-              f"{r['peak_name'] or '-':<15} {_fmt(r.get('gbps'), '.2f'):>6} "
+              f"{r['peak_name'] or '-':<16} {_fmt(r.get('gbps'), '.2f'):>6} "
               f"{_fmt(r.get('frac_read') and 100 * r['frac_read'], '.1f'):>6} {_fmt(r.get('other_cpu_pct'), '.0f'):>6} "
               f"{clean_mark(r):>5}  {r.get('note', '')}")
     print("%peak: useful GFLOP/s over the probe named in 'peak' at the same thread count; %read: decode K+V "
@@ -443,15 +546,16 @@ def print_tables(records, ratios, scaling, probes, args):
     print()
     print("Time ratios (lower is better for lampe in the first two; the third is lampe's speed-up over "
           "plain PyTorch LaMPE):")
-    hdr = (f"{'kind':<6} {'L/Lk':>6} {'dtype':<7} {'thr':>3} {'LaMPE/causal':>12} {'LaMPE/SDPA':>10} "
+    hdr = (f"{'kind':<6} {'L/Lk':>6} {'dtype':<7} {'thr':>3} {'isa':<10} {'LaMPE/causal':>12} {'LaMPE/SDPA':>10} "
            f"{'pure/LaMPE':>10} {'clean':>5}  max|diff| checks")
     print(hdr)
     print("-" * len(hdr))
     for r in ratios:
         d = ", ".join(f"{k}: {v:.2e}" for k, v in r["max_abs_diff"].items())
-        print(f"{r['kind']:<6} {r['length']:>6} {r['dtype']:<7} {r['threads']:>3} "
+        print(f"{r['kind']:<6} {r['length']:>6} {r['dtype']:<7} {r['threads']:>3} {r.get('isa') or '-':<10} "
               f"{_fmt(r['lampe_over_causal'], '.3f'):>12} {_fmt(r['lampe_over_sdpa'], '.3f'):>10} "
               f"{_fmt(r['pure_torch_over_lampe'], '.2f'):>10} {'ok' if r['clean'] else 'NOISY':>5}  {d}")
+    print_isa_summary(records)
     if scaling:
         print()
         print(f"Thread scaling, lampe LaMPE prompt, L={scaling['length']} float32:")
@@ -474,6 +578,11 @@ def main(argv=None):
     ap.add_argument("--decode-lengths", type=int, nargs="*",
                     help="decode cache lengths Lk (default 8192 32768 131072); pass none to skip decode")
     ap.add_argument("--dtypes", nargs="+", choices=["float32", "bf16"], default=["float32", "bf16"])
+    ap.add_argument("--isa", nargs="+", metavar="LEVEL",
+                    help="time lampe at these kernel levels side by side ('all': every available one; float32 "
+                         "skips avx512bf16/amx, which run the avx512 float32 kernels); default: the best level only")
+    ap.add_argument("--isa-max-length", type=int, default=8192,
+                    help="above this prompt length --isa times only the best level of each dtype (default 8192)")
     ap.add_argument("--threads", type=int, default=len(ORIG_CPUS),
                     help=f"threads for the grid (default: the affinity count, {len(ORIG_CPUS)})")
     ap.add_argument("--hq", type=int, help="query heads (default 32; 8 with --quick)")
@@ -509,6 +618,12 @@ def main(argv=None):
         ap.error(f"--threads must be in 1..{len(ORIG_CPUS)}")
     if args.hq % args.hkv:
         ap.error("--hq must be a multiple of --hkv")
+    if args.isa:
+        bad = [x for x in args.isa if x != "all" and x not in lampe.info.ISA_LEVELS]
+        if bad:
+            ap.error(f"--isa: unknown level(s) {bad} (levels: {', '.join(lampe.info.ISA_LEVELS)}, or all)")
+        if not any(x == "all" or x in lampe.available_isas() for x in args.isa):
+            ap.error(f"--isa: none of {args.isa} is available here (available: {lampe.available_isas()})")
 
     t_start = time.perf_counter()
     thread_counts = sorted({1, args.threads})

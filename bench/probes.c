@@ -1,6 +1,6 @@
-/* Machine-ceiling probes for the benchmarks: peak fp32 FMA throughput, peak bf16 dot-product
- * throughput (VDPBF16PS) and streaming read bandwidth, each on one thread or on several pinned
- * threads at once.
+/* Machine-ceiling probes for the benchmarks: peak fp32 FMA throughput (SSE, AVX2, AVX-512), peak
+ * bf16 dot-product throughput (VDPBF16PS), peak AMX tile throughput (TDPBF16PS) and streaming
+ * read bandwidth, each on one thread or on several pinned threads at once.
  *
  * Built by bench/_probes.py with plain `-O2 -shared -fPIC`: the ISA-specific loops carry their own
  * target attributes, so the library loads on any x86-64 CPU and Python only calls a loop after
@@ -11,6 +11,7 @@
  * times itself with CLOCK_MONOTONIC so that the Python call overhead stays out of the measurement.
  */
 #define _GNU_SOURCE
+#include <cpuid.h>
 #include <immintrin.h>
 #include <pthread.h>
 #include <sched.h>
@@ -18,6 +19,18 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#ifdef __linux__
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+/* AMX needs GCC >= 11 / clang >= 12 (the intrinsics) and, on Linux, the process's permission for
+ * the tile data state; without either the AMX probe reports itself unavailable. */
+#if defined(__has_include)
+#if __has_include(<amxtileintrin.h>) && __has_include(<amxbf16intrin.h>)
+#define PROBE_HAVE_AMX 1
+#endif
+#endif
 
 static double now_s(void) {
     struct timespec ts;
@@ -26,7 +39,29 @@ static double now_s(void) {
 }
 
 /* Probe kinds, shared with _probes.py. */
-enum { K_FMA_AVX2 = 0, K_FMA_AVX512 = 1, K_BF16_DOT = 2, K_READ_AVX2 = 3, K_READ_AVX512 = 4, K_FMA_SSE = 5 };
+enum { K_FMA_AVX2 = 0, K_FMA_AVX512 = 1, K_BF16_DOT = 2, K_READ_AVX2 = 3, K_READ_AVX512 = 4, K_FMA_SSE = 5,
+       K_AMX_BF16 = 6 };
+
+/* CPUID AMX-TILE + AMX-BF16, XCR0 tile state, and (Linux) the permission for the tile data. */
+static int amx_usable(void) {
+#ifdef PROBE_HAVE_AMX
+    unsigned a, b, c, d;
+    if (__get_cpuid_max(0, NULL) < 7) return 0;
+    __cpuid_count(7, 0, a, b, c, d);
+    if (!((d >> 24) & 1) || !((d >> 22) & 1)) return 0;
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if (((lo >> 17) & 3) != 3) return 0;
+#ifdef __linux__
+    if (syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) != 0) return 0;
+    return 1;
+#else
+    return 0;
+#endif
+#else
+    return 0;
+#endif
+}
 
 int probe_has_isa(const char *name) {
     __builtin_cpu_init();
@@ -36,6 +71,11 @@ int probe_has_isa(const char *name) {
     if (!strcmp(name, "avx512bf16"))
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+    if (!strcmp(name, "amx")) {
+        static int cached = -1;
+        if (cached < 0) cached = amx_usable();
+        return cached;
+    }
     return 0;
 }
 
@@ -125,6 +165,48 @@ __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl"))) static double bf
     return (double)_mm512_reduce_add_ps(s);
 }
 
+/* TDPBF16PS on 4 independent 16 x 16 accumulator tiles from two A and two B tiles that stay put
+ * (data in registers, as the ceiling of the tile unit itself): each instruction is
+ * 16 x 16 x 32 multiply-adds = 16384 FLOP. */
+#ifdef PROBE_HAVE_AMX
+__attribute__((target("amx-tile,amx-bf16"))) static double amx_bf16(int64_t iters) {
+    struct __attribute__((aligned(64))) {
+        uint8_t palette, start_row, reserved[14];
+        uint16_t colsb[16];
+        uint8_t rows[16];
+    } cfg;
+    memset(&cfg, 0, sizeof(cfg));
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+    static uint16_t src[16 * 32] __attribute__((aligned(64)));
+    for (int i = 0; i < 16 * 32; i++) src[i] = 0x3380; /* bf16 ~6e-8: accumulators never overflow */
+    float out[16 * 16] __attribute__((aligned(64)));
+    _tile_loadconfig(&cfg);
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    _tile_loadd(4, src, 64);
+    _tile_loadd(5, src, 64);
+    _tile_loadd(6, src, 64);
+    _tile_loadd(7, src, 64);
+    for (int64_t n = 0; n < iters; n++) {
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, out, 64);
+    _tile_release();
+    return (double)out[0];
+}
+#else
+static double amx_bf16(int64_t iters) {
+    (void)iters;
+    return 0;
+}
+#endif
+
 /* FLOP per loop iteration of each compute probe (12 chains x lanes x FLOP per lane). */
 double probe_flop_per_iter(int kind) {
     switch (kind) {
@@ -132,6 +214,7 @@ double probe_flop_per_iter(int kind) {
     case K_FMA_AVX2: return 12.0 * 8 * 2;
     case K_FMA_AVX512: return 12.0 * 16 * 2;
     case K_BF16_DOT: return 12.0 * 16 * 4;
+    case K_AMX_BF16: return 4.0 * 16 * 16 * 32 * 2;
     default: return 0;
     }
 }
@@ -208,6 +291,7 @@ static double run_kind(int kind, int64_t iters, const float *buf, int64_t n) {
     case K_FMA_AVX2: return fma_avx2(iters);
     case K_FMA_AVX512: return fma_avx512(iters);
     case K_BF16_DOT: return bf16_dot(iters);
+    case K_AMX_BF16: return amx_bf16(iters);
     case K_READ_AVX2: return read_avx2(buf, n, iters);
     case K_READ_AVX512: return read_avx512(buf, n, iters);
     default: return 0;

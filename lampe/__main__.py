@@ -74,40 +74,10 @@ def model_config(name: str):
 
 
 def describe_defaults(config) -> list:
-    """What lampe.patch(model) chooses for a model with this config, as lines of text."""
-    from .config import LampeConfig
-    from .hf import patching
-
-    family = getattr(config, "model_type", "?")
-    from .hf import compat
-    rtype = compat.rope_type(config)
-    W = patching.pretrained_window(config)
-    lines = [f"lampe.patch(model) for a {family} model (rope type {rtype!r}, pretrained window W = {W} tokens)"]
-    supported = getattr(patching, "SUPPORTED_FAMILIES", ())
-    if supported and family not in supported:
-        reason = getattr(patching, "_UNSUPPORTED_REASON", {}).get(family, "")
-        lines.append(f"  patch() refuses this family{': ' + reason if reason else ''} "
-                     f"(supported: {', '.join(supported)})")
-        return lines
-    cfg: LampeConfig = patching.default_config(config)
-    u = cfg.mapping_length
-    rule = (f"preset {u!r}" if isinstance(u, str) and u != "auto" else
-            f"generic rule from W ('auto')" if u == "auto" else f"fixed {u}" if isinstance(u, int) else repr(u))
-    active = cfg.active_from if cfg.active_from is not None else 2 * cfg.window
-    grow = max(active, cfg.growth_from or 0)
-    lines += [f"  prompts of at most {active} tokens: the model's own attention, bit-identical to the unpatched "
-              f"model, also while generating up to {grow} tokens in total",
-              f"  longer prompts, and generation beyond {grow} tokens: LaMPE with window H = {cfg.window}, "
-              f"sink T = {cfg.sink}, temperature s = {cfg.temperature:.6g}",
-              f"  mapping length U: {rule}"]
-    rows = []
-    for mult in (1.0, 1.1, 1.5, 2, 4, 8, 16):
-        L = max(int(mult * W), active + 1)
-        if not rows or rows[-1][0] != L:
-            rows.append((L, mult))
-    for L, mult in rows:
-        lines.append(f"    L = {L:>8} ({L / W:.3g}x W): U = {cfg.mapping_length_for(L)}")
-    return lines
+    """What lampe.patch(model) chooses for a model with this config, as lines of text (one
+    wording: lampe.hf.describe)."""
+    from .hf import describe
+    return describe(config).splitlines()
 
 
 def _plan_config(args):

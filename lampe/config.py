@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass, replace
 from typing import Optional, Union
 
@@ -12,9 +13,24 @@ from . import _C
 DEFAULT_TEMPERATURE = 1.0 + 0.1 * math.log(2.0)
 #: Mapping-length presets with the authors' scaled-sigmoid constants (spec §4).
 PRESETS = ("llama2", "llama3", "mistral", "llama3.1")
-MODES = ("reference", "selfextend", "rerope")
-DECODES = ("shifted", "reference")
+MODES = ("lampe", "selfextend", "rerope")
+DECODES = ("shifted", "authors")
+# Spellings of earlier releases, accepted for one more release with a DeprecationWarning.
+_OLD_MODES = {"reference": "lampe"}
+_OLD_DECODES = {"reference": "authors"}
 MAX_LENGTH = _C.MAX_LENGTH
+
+
+def _choice(name, value, choices, old):
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, one of {choices}, got {type(value).__name__}")
+    if value in old:
+        warnings.warn(f"{name}={value!r} is deprecated; it is now spelled {name}={old[value]!r}",
+                      DeprecationWarning, stacklevel=4)  # _choice, __post_init__, __init__, the caller
+        return old[value]
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
 
 
 def _check_int(name, value, minimum=1, maximum=MAX_LENGTH):
@@ -107,15 +123,17 @@ class LampeConfig:
     mapping_length: U as an int, a preset name ("llama2", "llama3", "mistral", "llama3.1") whose
         scaled sigmoid picks U from the prompt length, or "auto" (the generic rule scaled from
         ``pretrained_window``; see docs/mapping_length.md).
-    mode: "reference" is LaMPE and reproduces the authors' prefill, duplicated boundary keys
-        included. "selfextend" and "rerope" are the baselines SelfExtend (Jin et al. 2024) and
-        ReRoPE (Su 2023) as position policies over the same kernels: ``window`` is their
-        neighbour window, and for SelfExtend ``mapping_length`` is the group size G (see
-        :meth:`selfextend`, :meth:`rerope`).
+    mode: "lampe" is LaMPE and reproduces the authors' prefill, duplicated boundary keys
+        included (spec §0-§2). "selfextend" and "rerope" are the baselines SelfExtend (Jin et al.
+        2024) and ReRoPE (Su 2023) as position policies over the same kernels (spec §3):
+        ``window`` is their neighbour window, and for SelfExtend ``mapping_length`` is the group
+        size G (see :meth:`selfextend`, :meth:`rerope`). The old spelling "reference" is accepted
+        with a DeprecationWarning and becomes "lampe".
     temperature: the RoPE amplitude s (cos and sin are multiplied by s; logits by s^2).
     decode: "shifted" (lampe's exact partition for every row after the prompt, spec §0) or
-        "reference" (the authors' kpos = m[j]; only ``Plan.table``/``regions`` support it and only
-        for the first ``window`` steps).
+        "authors" (the authors' kpos = m[j], spec §2.3; only ``Plan.table``/``regions`` support it
+        and only for the first ``window`` steps). The old spelling "reference" is accepted with a
+        DeprecationWarning and becomes "authors".
     active_from: used by model patching: LaMPE runs only once the total length exceeds it;
         None means "whenever L >= 2H".
     pretrained_window: the model's pretraining context, needed by mapping_length="auto".
@@ -128,7 +146,7 @@ class LampeConfig:
     window: int = 512
     sink: int = 200
     mapping_length: Union[int, str, "MappingSigmoid"] = 1536
-    mode: str = "reference"
+    mode: str = "lampe"
     temperature: float = DEFAULT_TEMPERATURE
     decode: str = "shifted"
     active_from: Optional[int] = None
@@ -146,10 +164,8 @@ class LampeConfig:
                 raise ValueError(f"mapping_length: unknown preset {u!r}; expected an int, one of {PRESETS} or 'auto'")
         else:
             object.__setattr__(self, "mapping_length", _check_int("mapping_length", u))
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.decode not in DECODES:
-            raise ValueError(f"decode must be one of {DECODES}, got {self.decode!r}")
+        object.__setattr__(self, "mode", _choice("mode", self.mode, MODES, _OLD_MODES))
+        object.__setattr__(self, "decode", _choice("decode", self.decode, DECODES, _OLD_DECODES))
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
             raise TypeError(f"temperature must be a float, got {type(self.temperature).__name__}")
         t = float(self.temperature)

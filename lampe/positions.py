@@ -14,8 +14,8 @@ from . import _C
 from .config import LampeConfig
 
 REGION_NAMES = ("local", "map", "sink", "full")
-_DECODE_CODES = {"shifted": 0, "reference": 1}
-_MODE_CODES = {"reference": 0, "selfextend": 1, "rerope": 2}
+_DECODE_CODES = {"shifted": 0, "authors": 1}
+_MODE_CODES = {"lampe": 0, "selfextend": 1, "rerope": 2}
 #: plan.table() refuses to build more entries than this.
 MAX_TABLE_ENTRIES = 10**7
 
@@ -36,27 +36,35 @@ class Region(NamedTuple):
     shift: int
 
 
-class Plan:
-    """A LaMPE plan for a prompt of ``length`` tokens (made by :func:`plan`)."""
+class Plan(_C.Plan):
+    """A LaMPE plan for a prompt of ``length`` tokens (made by :func:`plan`; cached and shared, so
+    immutable: no attribute can be set and ``mapped_ids`` is a read-only view of immutable
+    storage). Fields: length (L), window (H), sink (T), mapping_length (U), sink_size (R),
+    bias_map (b1), bias_sink (b2), fallback (L < 2H), mapped_ids (m), mode, decode. The C kernel
+    reads the plan's struct directly (csrc/python/module.c)."""
 
-    __slots__ = ("length", "window", "sink", "mapping_length", "mode", "decode", "mapped_ids", "sink_size",
-                 "bias_map", "bias_sink", "fallback", "_ctuple")
+    __slots__ = ("mode", "decode")
 
-    def __init__(self, length, window, sink, mapping_length, mode, decode, mapped_ids, R, b1, b2, fallback):
-        self.length = int(length)
-        self.window = int(window)
-        self.sink = int(sink)
-        self.mapping_length = int(mapping_length)
-        self.mode = mode
-        self.decode = decode
-        mapped_ids.setflags(write=False)
-        self.mapped_ids = mapped_ids
-        self.sink_size = int(R)
-        self.bias_map = int(b1)
-        self.bias_sink = int(b2)
-        self.fallback = bool(fallback)
-        self._ctuple = (mapped_ids, self.length, self.window, self.sink, self.mapping_length, self.sink_size,
-                        self.bias_map, self.bias_sink, int(self.fallback), _DECODE_CODES[decode], _MODE_CODES[mode])
+    def __new__(cls, length, window, sink, mapping_length, mode="lampe", decode="shifted"):
+        self = super().__new__(cls, length, window, sink, mapping_length, _DECODE_CODES[decode], _MODE_CODES[mode])
+        object.__setattr__(self, "mode", mode)
+        object.__setattr__(self, "decode", decode)
+        return self
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"Plan is immutable (plans are cached and shared); cannot set {name!r}")
+
+    def __delattr__(self, name):
+        raise AttributeError(f"Plan is immutable (plans are cached and shared); cannot delete {name!r}")
+
+    def __reduce__(self):
+        return (Plan, (self.length, self.window, self.sink, self.mapping_length, self.mode, self.decode))
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
 
     def __repr__(self):
         return (f"Plan(length={self.length}, window={self.window}, sink={self.sink}, "
@@ -70,7 +78,7 @@ class Plan:
         if pos.dtype.kind not in "iu":
             raise TypeError(f"positions must be integers, got dtype {pos.dtype}")
         pos = np.ascontiguousarray(pos.reshape(-1), dtype=np.int64)
-        return _C.regions(self._ctuple, pos)
+        return _C.regions(self, pos)
 
     def _kpos(self, mapped, shift, lo, hi):
         keys = np.arange(lo, hi + 1, dtype=np.int64)
@@ -142,10 +150,7 @@ LAMPE_MAX_REGIONS = 3
 
 @functools.lru_cache(maxsize=128)
 def _plan_cached(length: int, config: LampeConfig) -> Plan:
-    u = config.mapping_length_for(length)
-    m, R, b1, b2, fb = _C.plan(length, config.window, config.sink, u, _DECODE_CODES[config.decode],
-                               _MODE_CODES[config.mode])
-    return Plan(length, config.window, config.sink, u, config.mode, config.decode, m, R, b1, b2, fb)
+    return Plan(length, config.window, config.sink, config.mapping_length_for(length), config.mode, config.decode)
 
 
 def plan(length: int, config: Optional[LampeConfig] = None) -> Plan:
@@ -168,47 +173,113 @@ def plan(length: int, config: Optional[LampeConfig] = None) -> Plan:
     return _plan_cached(length, config)
 
 
-def batch_layout(batch: int, q_len: int, kv_len: int, prompt_length=None, key_padding_mask=None):
-    """Per-row key offsets (left pads) and prompt lengths in each row's own positions.
+class RowLayout(NamedTuple):
+    """Where each batch row's keys and queries sit (every field an int64 array [B]); the kernel
+    contract's lampe_attn_seq (csrc/include/lampe/lampe.h) in Python."""
 
-    Queries are the last ``q_len`` of ``kv_len`` positions (bottom-right aligned). A row is a
-    prompt row iff its tensor index < prompt_length; a left-padded row counts positions from its
-    first valid key, so its own prompt length is prompt_length minus its pads. Shared by the
-    reference and the kernels so both read the same arguments the same way."""
+    key_offset: np.ndarray   #: first valid key's tensor index (left pads)
+    key_count: np.ndarray    #: valid keys from there; later slots are never attended
+    query_start: np.ndarray  #: own position of query row 0 (row t has position query_start + t)
+    prompt: np.ndarray       #: prompt length in own positions: rows at positions >= it come after the prompt
+    prompt_given: bool       #: prompt_length was passed (False: the default, key_count)
+
+
+def _int_per_row(value, batch: int, name: str) -> np.ndarray:
+    if hasattr(value, "detach"):
+        value = value.detach().to("cpu").numpy()
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "iu" or arr.ndim > 1:
+        raise TypeError(f"{name} must be an int or an int64 array [B], got {arr.dtype} {arr.shape}")
+    if arr.ndim == 1 and arr.shape[0] != batch:
+        raise ValueError(f"{name} must have B = {batch} entries, got {arr.shape[0]}")
+    if arr.dtype.kind == "u" and arr.size and arr.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{name} overflows int64")
+    return np.broadcast_to(arr.astype(np.int64), (batch,)).copy()
+
+
+def _padding(key_padding_mask, batch: int, kv_len: int):
+    """(key_offset, key_count) from a [B, Lk] bool mask whose rows are False* True* False*."""
+    if key_padding_mask is None:
+        return np.zeros(batch, dtype=np.int64), np.full(batch, kv_len, dtype=np.int64)
+    if hasattr(key_padding_mask, "detach"):
+        key_padding_mask = key_padding_mask.detach().to("cpu").numpy()
+    m = np.asarray(key_padding_mask)
+    if m.dtype != np.bool_:
+        raise TypeError(f"key_padding_mask must be boolean (True = valid key), got dtype {m.dtype}")
+    if m.shape != (batch, kv_len):
+        raise ValueError(f"key_padding_mask must have shape [B, Lk] = [{batch}, {kv_len}], got {m.shape}")
+    count = m.sum(axis=1).astype(np.int64)
+    off = np.where(count > 0, np.argmax(m, axis=1), kv_len).astype(np.int64)
+    idx = np.arange(kv_len)[None, :]
+    run = (idx >= off[:, None]) & (idx < (off + count)[:, None])
+    if not np.array_equal(run, m):
+        b = int(np.argmax(np.any(run != m, axis=1)))
+        raise ValueError(f"key_padding_mask row {b} has a hole: each row must be False* True* False* (left pads, "
+                         "valid keys, then slots never attended such as right padding or a static cache's unused "
+                         "tail)")
+    return off, count
+
+
+def batch_layout(batch: int, q_len: int, kv_len: int, prompt_length=None, key_padding_mask=None,
+                 query_start=None) -> RowLayout:
+    """Read the per-row arguments of the attention functions (shared by the reference, the C
+    kernel's front end and the torch backend, so all three read them the same way).
+
+    ``key_padding_mask`` [B, Lk] bool, True = valid, each row False* True* False*. Positions count
+    from a row's first valid key. ``query_start`` (int or [B]; default Lk - Lq - key_offset, i.e.
+    the queries are the last Lq positions) is the position of query row 0. ``prompt_length``
+    (int or [B], in key tensor indices like Lk; default key_offset + key_count) ends the prompt: a
+    row is a prompt row iff its position < prompt_length - key_offset."""
     if q_len > kv_len:
         raise ValueError(f"q has more positions ({q_len}) than k ({kv_len}); queries are the last Lq positions")
-    if prompt_length is None:
-        pl = np.full(batch, kv_len, dtype=np.int64)
+    if kv_len > _C.MAX_POSITIONS:
+        raise ValueError(f"k has {kv_len} positions, above the supported maximum 2^25 = {_C.MAX_POSITIONS} "
+                         "(a prompt of up to 2^24 tokens and as many after it)")
+    off, count = _padding(key_padding_mask, batch, kv_len)
+    if query_start is None:
+        qs = kv_len - q_len - off
     else:
-        if hasattr(prompt_length, "detach"):
-            prompt_length = prompt_length.detach().to("cpu").numpy()
-        arr = np.asarray(prompt_length)
-        if arr.dtype.kind not in "iu" or arr.ndim > 1:
-            raise TypeError(f"prompt_length must be an int or an int64 array [B], got {arr.dtype} {arr.shape}")
-        if arr.ndim == 1 and arr.shape[0] != batch:
-            raise ValueError(f"prompt_length must have B = {batch} entries, got {arr.shape[0]}")
-        pl = np.broadcast_to(arr.astype(np.int64), (batch,)).copy()
+        qs = _int_per_row(query_start, batch, "query_start")
+        if np.any(qs <= -_C.MAX_POSITIONS) or np.any(qs + q_len > _C.MAX_POSITIONS):
+            raise ValueError(f"query_start must keep every query position in (-2^25, 2^25), got {qs.min()}.."
+                             f"{qs.max()} for {q_len} queries")
+    if prompt_length is None:
+        own = count.copy()
+    else:
+        pl = _int_per_row(prompt_length, batch, "prompt_length")
         if np.any(pl < 1):
             raise ValueError(f"prompt_length must be >= 1, got {pl.min()}")
         if np.any(pl > kv_len):
             raise ValueError(f"prompt_length ({pl.max()}) must not exceed the number of keys ({kv_len})")
-    if key_padding_mask is None:
-        off = np.zeros(batch, dtype=np.int64)
-    else:
-        if hasattr(key_padding_mask, "detach"):
-            key_padding_mask = key_padding_mask.detach().to("cpu").numpy()
-        m = np.asarray(key_padding_mask)
-        if m.dtype != np.bool_:
-            raise TypeError(f"key_padding_mask must be boolean (True = valid key), got dtype {m.dtype}")
-        if m.shape != (batch, kv_len):
-            raise ValueError(f"key_padding_mask must have shape [B, Lk] = [{batch}, {kv_len}], got {m.shape}")
-        off = (~m).sum(axis=1).astype(np.int64)
-        left = np.arange(kv_len)[None, :] >= off[:, None]
-        if not np.array_equal(left, m):
-            raise ValueError("key_padding_mask must be left padding only: each row is False...False then True...True")
-    own = pl - off
-    bad = (off < kv_len) & (own < 1)
-    if np.any(bad):
-        b = int(np.argmax(bad))
-        raise ValueError(f"prompt_length[{b}] = {pl[b]} does not exceed the {off[b]} padded keys of that row")
-    return off, own
+        own = pl - off
+        bad = (count > 0) & (own < 1)
+        if np.any(bad):
+            b = int(np.argmax(bad))
+            raise ValueError(f"prompt_length[{b}] = {pl[b]} does not exceed the {off[b]} padded keys of that row")
+    return RowLayout(off, count, qs, own, prompt_length is not None)
+
+
+def is_lampe_mode(mode: str) -> bool:
+    """LaMPE itself (rows after the prompt exist), as opposed to the SelfExtend / ReRoPE baselines."""
+    return _MODE_CODES[mode] == 0
+
+
+def row_plans(config: Optional[LampeConfig], rows: RowLayout, q_len: int) -> list:
+    """The plan of every batch row (None: plain causal attention, or no valid key). The baselines
+    plan the total length: by default every row's, and an explicit prompt_length may not leave
+    rows after it."""
+    plans = []
+    for b in range(len(rows.key_offset)):
+        if config is None or rows.key_count[b] == 0:
+            plans.append(None)
+            continue
+        length = int(rows.prompt[b])
+        if not is_lampe_mode(config.mode):
+            need = int(rows.query_start[b]) + q_len
+            if length < need:
+                if rows.prompt_given:
+                    raise ValueError(f"prompt_length: mode={config.mode!r} has no rows after the prompt; every row is "
+                                     "planned with the total length, so leave prompt_length at its default")
+                length = need
+        plans.append(plan(length, config))
+    return plans

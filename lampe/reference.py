@@ -10,9 +10,9 @@ import math
 
 import numpy as np
 
-from ._arrays import as_float64, inv_freq_array, layout_code, resolve_rotary_dim
+from ._arrays import as_float64, inv_freq_array, layout_code, resolve_rotary_dim, resolve_softcap
 from .config import LampeConfig
-from .positions import batch_layout, plan
+from .positions import batch_layout, row_plans
 
 
 def rotate(x: np.ndarray, pos, inv_freq: np.ndarray, rotary_dim: int, layout: str, amplitude: float):
@@ -36,13 +36,18 @@ def rotate(x: np.ndarray, pos, inv_freq: np.ndarray, rotary_dim: int, layout: st
     return out
 
 
-def attention(q, k, v, config, inv_freq, *, prompt_length=None, key_padding_mask=None, rotary_dim=None,
-              layout="half", scale=None, return_lse=False):
+def attention(q, k, v, config, inv_freq, *, prompt_length=None, key_padding_mask=None, query_start=None,
+              rotary_dim=None, layout="half", scale=None, softcap=None, return_lse=False):
     """LaMPE attention in float64 (spec §0-§2). q [B, Hq, Lq, D], k and v [B, Hkv, Lk, D], all
-    un-rotated; query head h uses KV head h // (Hq / Hkv); queries are the last Lq positions.
+    un-rotated; query head h uses KV head h // (Hq / Hkv). ``key_padding_mask``, ``query_start``
+    and ``prompt_length`` place each row's keys and queries as in :func:`lampe.attention`: query
+    row t has position query_start + t and attends the valid keys at positions <= its own, through
+    its plan's regions. ``softcap`` turns every logit x into softcap * tanh(x / softcap).
     ``config=None`` is ordinary causal RoPE attention (amplitude 1). Returns out [B, Hq, Lq, D]
     float64 (and lse [B, Hq, Lq], natural log, when ``return_lse``). A row without valid keys
-    gives zeros and lse = -inf."""
+    gives zeros and lse = -inf. A row that attends a NaN or +-inf element (its own query, or the
+    key or value of a key it attends) gives NaN in every component and lse = NaN; elements of
+    keys it does not attend (padding, slots past the valid keys, the future) never affect it."""
     q = as_float64(q, "q")
     k = as_float64(k, "k")
     v = as_float64(v, "v")
@@ -60,21 +65,24 @@ def attention(q, k, v, config, inv_freq, *, prompt_length=None, key_padding_mask
     rd = resolve_rotary_dim(rotary_dim, D)
     freq = inv_freq_array(inv_freq, rd)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    cap = resolve_softcap(softcap)
     amp = config.temperature if config is not None else 1.0
-    off, own = batch_layout(B, Lq, Lk, prompt_length, key_padding_mask)
+    rows = batch_layout(B, Lq, Lk, prompt_length, key_padding_mask, query_start)
+    plans = row_plans(config, rows, Lq)
     G = Hq // Hkv
     heads = np.arange(Hq) // G
 
     out = np.zeros((B, Hq, Lq, D))
     lse = np.full((B, Hq, Lq), -np.inf)
     for b in range(B):
-        o = int(off[b])
-        kb, vb = k[b, :, o:], v[b, :, o:]  # the row's valid keys, positions 0..n-1
-        n = kb.shape[1]
+        o, n = int(rows.key_offset[b]), int(rows.key_count[b])
+        kb, vb = k[b, :, o:o + n], v[b, :, o:o + n]  # the row's valid keys, positions 0..n-1
         if n == 0:
             continue
-        pl = plan(int(own[b]), config) if config is not None else None
+        pl = plans[b]
         rot_cache = {}
+        # NaN policy: a row that attends a NaN or inf element of q, k or v outputs NaN (lse NaN)
+        key_bad = ~(np.isfinite(kb).all(axis=-1) & np.isfinite(vb).all(axis=-1))  # [Hkv, n]
 
         def rotated_keys(mapped, shift):
             # Keys rotated once per key-position rule, then sliced per row.
@@ -91,7 +99,7 @@ def attention(q, k, v, config, inv_freq, *, prompt_length=None, key_padding_mask
             return rot_cache[key]
 
         for t in range(Lq):
-            pos = Lk - Lq + t - o
+            pos = int(rows.query_start[b]) + t
             if pos < 0:
                 continue
             if pl is None:
@@ -99,16 +107,28 @@ def attention(q, k, v, config, inv_freq, *, prompt_length=None, key_padding_mask
             else:
                 regions = [(r.name, r.key_lo, r.key_hi, r.qpos, r.mapped, r.shift) for r in pl.regions(pos)]
             logits, values = [], []
-            for _, lo, hi, qpos, mapped, shift in regions:
-                kr = rotated_keys(mapped, shift)[:, lo:hi + 1]           # [Hkv, n_r, D]
-                qr = rotate(q[b, :, t][:, None, :], [qpos], freq, rd, layout, amp)[:, 0]  # [Hq, D]
-                logits.append(np.einsum("hd,hnd->hn", qr, kr[heads]) * scale)
-                values.append(vb[heads][:, lo:hi + 1])
-            s = np.concatenate(logits, axis=1)
-            vals = np.concatenate(values, axis=1)
-            mx = s.max(axis=1, keepdims=True)
-            p = np.exp(s - mx)
-            tot = p.sum(axis=1, keepdims=True)
-            out[b, :, t] = np.einsum("hn,hnd->hd", p / tot, vals)
-            lse[b, :, t] = (mx + np.log(tot))[:, 0]
+            attended = np.zeros(n, dtype=bool)
+            with np.errstate(invalid="ignore", over="ignore"):
+                for _, lo, hi, qpos, mapped, shift in regions:
+                    hi = min(hi, n - 1)  # keys past the valid ones are never attended
+                    if lo > hi:
+                        continue
+                    attended[lo:hi + 1] = True
+                    kr = rotated_keys(mapped, shift)[:, lo:hi + 1]           # [Hkv, n_r, D]
+                    qr = rotate(q[b, :, t][:, None, :], [qpos], freq, rd, layout, amp)[:, 0]  # [Hq, D]
+                    x = np.einsum("hd,hnd->hn", qr, kr[heads]) * scale
+                    logits.append(cap * np.tanh(x / cap) if cap else x)
+                    values.append(vb[heads][:, lo:hi + 1])
+                if not logits:
+                    continue
+                s = np.concatenate(logits, axis=1)
+                vals = np.concatenate(values, axis=1)
+                mx = s.max(axis=1, keepdims=True)
+                p = np.exp(s - mx)
+                tot = p.sum(axis=1, keepdims=True)
+                out[b, :, t] = np.einsum("hn,hnd->hd", p / tot, vals)
+                lse[b, :, t] = (mx + np.log(tot))[:, 0]
+            bad = ~np.isfinite(q[b, :, t]).all(axis=-1) | key_bad[heads][:, attended].any(axis=-1)  # [Hq]
+            out[b, bad, t] = np.nan
+            lse[b, bad, t] = np.nan
     return (out, lse) if return_lse else out

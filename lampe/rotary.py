@@ -4,27 +4,24 @@ from __future__ import annotations
 import numpy as np
 
 from . import _C
-from ._arrays import (inv_freq_array, is_torch, kernel_view, layout_code, resolve_rotary_dim, resolve_threads)
+from ._arrays import (check_out, extents_disjoint, inv_freq_array, is_torch, kernel_ready, kernel_view, layout_code,
+                      refuse_grad, resolve_rotary_dim, resolve_threads, same_view)
 
 
-def _as4d(a: np.ndarray, batch_axis: bool, name: str, allow_copy: bool):
-    """View x [..., L, Dh] as [B, M, L, Dh] (B = first axis when positions are per batch row)."""
-    if a.ndim < 2:
-        raise ValueError(f"{name} must have at least 2 dimensions [..., L, head_dim], got shape {a.shape}")
+def _shape4d(a: np.ndarray, batch_axis: bool):
+    """x [..., L, Dh] as [B, M, L, Dh] (B = first axis when positions are per batch row)."""
     L, D = a.shape[-2], a.shape[-1]
     if batch_axis:
-        if a.ndim < 3:
-            raise ValueError(f"{name} must be [B, ..., L, head_dim] when positions are [B, L], got {a.shape}")
-        shape = (a.shape[0], int(np.prod(a.shape[1:-2], dtype=np.int64)), L, D)
-    else:
-        shape = (1, int(np.prod(a.shape[:-2], dtype=np.int64)), L, D)
+        return (a.shape[0], int(np.prod(a.shape[1:-2], dtype=np.int64)), L, D)
+    return (1, int(np.prod(a.shape[:-2], dtype=np.int64)), L, D)
+
+
+def _view4d(a: np.ndarray, shape):
+    """a reshaped without a copy, or None when its strides do not allow it."""
     try:
         return np.reshape(a, shape, copy=False)
     except ValueError:
-        if not allow_copy:
-            raise ValueError(f"{name} cannot be viewed as [B, heads, L, head_dim] without a copy; pass a "
-                             "contiguous array") from None
-        return np.ascontiguousarray(a).reshape(shape)
+        return None
 
 
 def rope(x, positions, inv_freq, layout: str = "half", rotary_dim=None, amplitude: float = 1.0, out=None,
@@ -35,7 +32,13 @@ def rope(x, positions, inv_freq, layout: str = "half", rotary_dim=None, amplitud
     cos and sin are multiplied by ``amplitude``. Only the first ``rotary_dim`` dims (default all)
     rotate; ``layout`` "half" pairs dim k with k + rotary_dim/2, "interleaved" pairs 2k with 2k+1.
     float32, float16 and bfloat16 (torch) in and out, float32 arithmetic. Returns a new array or
-    tensor unless ``out`` is given (``out`` may be ``x`` itself)."""
+    tensor unless ``out`` is given (``out`` may be ``x`` itself, for an in-place rotation, or any
+    array of x's shape and dtype whose elements are distinct and do not overlap x). No backward:
+    a tensor that requires grad is refused."""
+    refuse_grad("lampe.rope", "a torch rotation (e.g. transformers' apply_rotary_pos_emb)", x=x)
+    if is_torch(x) and x.device.type == "cuda":  # lampe._cuda, or the pure-torch backend (lampe/cuda.py)
+        from .cuda import rope as cuda_rope
+        return cuda_rope(x, positions, inv_freq, layout=layout, rotary_dim=rotary_dim, amplitude=amplitude, out=out)
     xa, bf16, _ = kernel_view(x, "x")
     if xa.ndim < 2:
         raise ValueError(f"x must have at least 2 dimensions [..., L, head_dim], got shape {tuple(xa.shape)}")
@@ -77,7 +80,20 @@ def rope(x, positions, inv_freq, layout: str = "half", rotary_dim=None, amplitud
         raise TypeError("out must have the dtype of x")
     if tuple(oa.shape) != tuple(xa.shape):
         raise ValueError(f"out must have the shape of x {tuple(xa.shape)}, got {tuple(oa.shape)}")
-    src4 = _as4d(xa, per_batch, "x", allow_copy=True)
-    dst4 = _as4d(oa, per_batch, "out", allow_copy=False)
-    _C.rope(src4, dst4, pos, freq, rd, lay, float(amplitude), bf16, nth)
+    check_out(oa, "out", {"x": xa}, in_place_of="x")
+    shape = _shape4d(xa, per_batch)
+    src4 = _view4d(xa, shape) if kernel_ready(xa) else None
+    if src4 is None:  # strides the kernel cannot walk (x[..., ::-1], say): read a copy
+        src4 = np.ascontiguousarray(xa).reshape(shape)
+    dst4 = _view4d(oa, shape) if kernel_ready(oa) else None
+    if dst4 is not None and not (same_view(src4, dst4) or extents_disjoint(src4, dst4)):
+        dst4 = None  # distinct elements, interleaved memory: write through a temporary
+    tmp = None
+    if dst4 is None:
+        tmp = np.empty(shape, oa.dtype)
+        dst4 = tmp
+    _C.rope(src=src4, dst=dst4, positions=pos, inv_freq=freq, rotary_dim=rd, layout=lay, amplitude=float(amplitude),
+            bf16=bf16, num_threads=nth)
+    if tmp is not None:
+        oa[...] = tmp.reshape(oa.shape)
     return out

@@ -66,3 +66,36 @@ def test_mapping_sigmoid_is_frozen():
     with pytest.raises(AttributeError):
         s.a = -1
     assert math.isclose(s(2000), 1000 / (1 + math.exp(0)), abs_tol=1)
+
+
+# -- names (issue 12): mode "lampe" (was "reference"), decode "authors" (was "reference") ---------
+
+def test_current_names_and_defaults():
+    cfg = lampe.LampeConfig()
+    assert (cfg.mode, cfg.decode) == ("lampe", "shifted")
+    assert lampe.LampeConfig(decode="authors").decode == "authors"
+    for mode in ("lampe", "selfextend", "rerope"):
+        assert lampe.LampeConfig(mode=mode).mode == mode
+
+
+def test_old_spellings_warn_and_are_normalised():
+    with pytest.warns(DeprecationWarning, match=r"mode='reference' is deprecated.*mode='lampe'") as rec:
+        cfg = lampe.LampeConfig(mode="reference")
+    assert rec[0].filename == __file__  # the warning points at the caller's line
+    assert cfg.mode == "lampe" and cfg == lampe.LampeConfig()
+    with pytest.warns(DeprecationWarning, match=r"decode='reference' is deprecated.*decode='authors'"):
+        cfg = lampe.LampeConfig(decode="reference")
+    assert cfg.decode == "authors" and cfg == lampe.LampeConfig(decode="authors")
+    with pytest.warns(DeprecationWarning):
+        assert lampe.LampeConfig().replace(mode="reference").mode == "lampe"
+
+
+def test_bad_names_are_refused_by_field():
+    with pytest.raises(ValueError, match=r"^mode must be one of \('lampe', 'selfextend', 'rerope'\)"):
+        lampe.LampeConfig(mode="LaMPE")
+    with pytest.raises(ValueError, match=r"^decode must be one of \('shifted', 'authors'\)"):
+        lampe.LampeConfig(decode="exact")
+    with pytest.raises(TypeError, match=r"^mode must be a str"):
+        lampe.LampeConfig(mode=["lampe"])
+    with pytest.raises(TypeError, match=r"^decode must be a str"):
+        lampe.LampeConfig(decode=None)

@@ -12,7 +12,7 @@ from lampe.hf import compat as hfcompat  # noqa: E402
 from lampe.hf import patching as hfpatch  # noqa: E402
 
 W = 64  # pretrained window of the tiny models: LaMPE is active beyond 64 tokens
-SMALL = dict(window=16, sink=4)
+SMALL = dict(window=16, sink=4, active_from=W)  # the mechanism at W; the defaults' policy: test_eval.py
 
 
 def tiny(family="llama", dtype=torch.float32, seed=0, **extra):
@@ -106,9 +106,9 @@ def expected_attention(model, handle, layer, hidden, prompt_length):
         q, k = m.q_norm(q), m.k_norm(k)
     v = m.v_proj(hidden).view(B, T, -1, D)
     q, k, v = (t.transpose(1, 2).detach().double().numpy() for t in (q, k, v))
-    rot = handle.rotary
+    rot = handle.layers[m]
     cfg = handle.config.replace(temperature=handle.config.temperature * rot.attention_scaling)
-    return lampe.reference.attention(q, k, v, cfg, rot.inv_freq.numpy(), prompt_length=prompt_length,
+    return lampe.reference.attention(q, k, v, cfg, rot.inv_freq().numpy(), prompt_length=prompt_length,
                                      scale=m.scaling)
 
 
@@ -168,20 +168,32 @@ def test_generate_modes_and_new_turn():
         assert err < 1e-4
 
 
-def test_use_cache_false_each_step_is_a_prompt():
+def test_use_cache_false_plans_like_the_cache():
+    # generate() without a cache recomputes every step from scratch; the plan is still the
+    # prompt's, so the tokens equal generation with a cache. A plain forward is its own prompt.
     m = tiny("llama")
     x = ids(80)
     with torch.no_grad(), lampe.patched(m, **SMALL) as h:
         cap = Capture(m)
         try:
-            m.generate(x, max_new_tokens=2, do_sample=False, use_cache=False)
+            no_cache = _gen(m, x, max_new_tokens=3, use_cache=False)
         finally:
             cap.close()
-        # second step: 81 tokens processed as a fresh 81-token prompt
-        hs = cap.hidden[0][1]
-        ref = expected_attention(m, h, 0, hs, prompt_length=81)
+        cached = _gen(m, x, max_new_tokens=3)
+        hs = cap.hidden[0][1]  # second step: 81 tokens, rows from 80 on after the 80-token prompt
+        ref = expected_attention(m, h, 0, hs, prompt_length=80)
         got = cap.attn_out[0][1].double().numpy()
         assert np.abs(got - ref.transpose(0, 2, 1, 3).reshape(got.shape)).max() < 1e-4 * np.abs(ref).max()
+        cap = Capture(m)
+        try:
+            m(torch.cat([x, no_cache[0][:, 80:81]], dim=1))
+        finally:
+            cap.close()
+        ref = expected_attention(m, h, 0, cap.hidden[0][0], prompt_length=81)
+        got = cap.attn_out[0][0].double().numpy()
+        assert np.abs(got - ref.transpose(0, 2, 1, 3).reshape(got.shape)).max() < 1e-4 * np.abs(ref).max()
+    assert torch.equal(no_cache[0], cached[0])
+    assert torch.allclose(no_cache[1], cached[1], atol=1e-4)
 
 
 def test_left_padded_batch_equals_rows_alone():
@@ -219,8 +231,10 @@ def test_cache_misuse_raises_and_masked_rows_finite():
             position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate() builds them
             logits = m(batch, attention_mask=mask, position_ids=position_ids).logits
             assert torch.isfinite(logits).all()
-            with pytest.raises(NotImplementedError, match="valid keys"):
-                m(batch, attention_mask=mask)  # positions that ignore the padding
+            # positions that ignore the padding: row 0 is unpadded, row 1's only token sees itself
+            ignoring = m(batch, attention_mask=mask).logits
+            assert torch.isfinite(ignoring).all()
+            assert torch.allclose(ignoring[:, -1], logits[:, -1], atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2), (torch.float16, 1e-2)])
@@ -288,7 +302,7 @@ def test_defaults_derived_from_the_model():
     small = hfpatch.default_config(cfg(max_position_embeddings=256))
     assert (small.window, small.sink, small.mapping_length) == (32, 12, "auto")  # W/8, W*200/4096
     h = lampe.patch(tiny("llama"))
-    assert "generic rule from W=64" in repr(h) and "active_from=80, growth_from=96" in repr(h)
+    assert "generic rule from W=64" in repr(h) and "longer than 80 tokens and on rows grown past 96" in repr(h)
     h.remove()
     h = lampe.patch(tiny("llama"), config="paper")
     assert (h.config.window, h.config.sink, h.config.active_from) == (8, 3, 0)  # W/8 and W*200/4096 of W=64
@@ -298,12 +312,343 @@ def test_defaults_derived_from_the_model():
 
 
 def test_unsupported_families_raise():
-    if not hasattr(transformers, "Gemma3ForCausalLM"):
-        pytest.skip("this transformers has no Gemma 3")
-    cfg = transformers.Gemma3TextConfig(vocab_size=50, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
-                                        num_attention_heads=2, num_key_value_heads=1, head_dim=16)
-    g = transformers.Gemma3ForCausalLM(cfg)
-    with pytest.raises(NotImplementedError, match="per-layer-type rotary"):
-        lampe.patch(g)
+    if not hasattr(transformers, "SmolLM3ForCausalLM"):
+        pytest.skip("this transformers has no SmolLM3")
+    cfg = transformers.SmolLM3Config(vocab_size=50, hidden_size=32, intermediate_size=32, num_hidden_layers=4,
+                                     num_attention_heads=2, num_key_value_heads=1, pad_token_id=0, bos_token_id=1,
+                                     eos_token_id=2)
+    with pytest.raises(NotImplementedError, match="NoPE"):
+        lampe.patch(transformers.SmolLM3ForCausalLM(cfg))
     with pytest.raises(ValueError, match="backend"):
         lampe.patch(tiny("llama"), backend="cuda-magic")
+
+
+# ---------------------------------------------------------------- issue 11 item 1: padding, caches
+
+
+def run(m, fn, **patch_kw):
+    """fn() unpatched, then patched (SMALL window and sink unless overridden)."""
+    with torch.no_grad():
+        ref = fn()
+        with lampe.patched(m, **dict(SMALL, **patch_kw)):
+            out = fn()
+    return ref, out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_right_padding_below_active_from_is_bit_identical(family):
+    m = tiny(family)
+    x = ids(30, batch=2)
+    am = torch.ones_like(x)
+    am[1, 20:] = 0
+    ref, out = run(m, lambda: m(x, attention_mask=am).logits)
+    assert torch.equal(out, ref)
+
+
+def test_left_padding_without_position_ids_below_is_bit_identical():
+    m = tiny("llama")
+    x = ids(40, batch=2)
+    am = torch.ones_like(x)
+    am[1, :7] = 0
+    ref, out = run(m, lambda: m(x, attention_mask=am).logits)
+    assert torch.equal(out, ref)
+
+
+def _gen(m, x, **kw):
+    out = m.generate(x, do_sample=False, return_dict_in_generate=True, output_logits=True, **kw)
+    return out.sequences, torch.stack(out.logits, 1)
+
+
+def test_pad_id_inside_prompt_below_is_bit_identical():
+    m = tiny("llama")
+    x = ids(30)
+    x[0, 12] = 0  # generate() masks pad ids wherever they are
+    ref, out = run(m, lambda: _gen(m, x, max_new_tokens=8, pad_token_id=0))
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_static_cache_below_is_bit_identical(family):
+    m = tiny(family)
+    x = ids(20)
+    ref, out = run(m, lambda: _gen(m, x, max_new_tokens=12, cache_implementation="static"))
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
+def test_right_padding_beyond_active_from_equals_rows_alone():
+    m = tiny("llama")
+    a, b = ids(100, seed=3), ids(85, seed=4)
+    batch = torch.cat([a, torch.cat([b, torch.zeros(1, 15, dtype=torch.long)], dim=1)])
+    am = torch.ones_like(batch)
+    am[1, 85:] = 0
+    with torch.no_grad(), lampe.patched(m, **SMALL):
+        both = m(batch, attention_mask=am).logits
+        alone_a, alone_b = m(a).logits, m(b).logits
+    assert torch.isfinite(both).all()
+    assert torch.allclose(both[0], alone_a[0], atol=1e-5)
+    assert torch.allclose(both[1, :85], alone_b[0], atol=1e-5)
+
+
+def test_left_padding_without_position_ids_beyond_active_from_equals_rows_alone():
+    m = tiny("llama")
+    a, b = ids(100, seed=3), ids(85, seed=4)
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 15, dtype=torch.long), b], dim=1)])
+    am = torch.ones_like(batch)
+    am[1, :15] = 0
+    with torch.no_grad(), lampe.patched(m, **SMALL):
+        both = m(batch, attention_mask=am).logits  # no position_ids: transformers counts the pads
+        alone_b = m(b).logits
+    assert torch.allclose(both[1, 15:], alone_b[0], atol=1e-5)
+
+
+def test_pad_id_inside_prompt_beyond_active_from_is_skipped_like_unpatched():
+    # The unpatched model masks the pad id and counts positions past it (generate's position_ids):
+    # the answer is the prompt's without that token. Patched, the same holds beyond active_from.
+    m = tiny("llama")
+    x = ids(90, seed=5)
+    holed = x.clone()
+    holed[0, 40] = 0
+    without = torch.cat([x[:, :40], x[:, 41:]], dim=1)
+    with torch.no_grad(), lampe.patched(m, **SMALL):
+        got = m.generate(holed, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        want = m.generate(without, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(got[0, 90:], want[0, 89:])
+
+
+@pytest.mark.parametrize("prompt", [80, 58])  # beyond the window / crossing it while decoding
+def test_static_cache_equals_dynamic_cache(prompt):
+    m = tiny("llama")
+    x = ids(prompt)
+    with torch.no_grad(), lampe.patched(m, **SMALL):
+        dyn = _gen(m, x, max_new_tokens=12)
+        sta = _gen(m, x, max_new_tokens=12, cache_implementation="static")
+    assert torch.equal(sta[0], dyn[0])
+    assert torch.allclose(sta[1], dyn[1], atol=1e-5)
+
+
+# ---------------------------------------------------------------- item 2: speculative decoding, cache edits
+
+
+def repetitive(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    block = torch.randint(3, 97, (1, 16), generator=g)
+    return block.repeat(1, n // 16 + 1)[:, :n]
+
+
+@pytest.mark.parametrize("prompt,growth", [(80, None), (58, None), (58, W + 4)])
+def test_prompt_lookup_decoding_equals_greedy(prompt, growth):
+    m = tiny("llama")
+    x = repetitive(prompt)
+    with torch.no_grad(), lampe.patched(m, growth_from=growth, **SMALL):
+        greedy = _gen(m, x, max_new_tokens=14)
+        lookup = _gen(m, x, max_new_tokens=14, prompt_lookup_num_tokens=3)
+    assert torch.equal(lookup[0], greedy[0])
+    assert torch.allclose(lookup[1], greedy[1], atol=1e-4)  # the same plans, not only the same argmax
+
+
+@pytest.mark.parametrize("prompt,growth", [(80, None), (58, None), (58, W + 4)])
+def test_assisted_decoding_equals_greedy(prompt, growth):
+    m, assistant = tiny("llama", seed=0), tiny("llama", seed=0)
+    x = repetitive(prompt, seed=2)
+    with torch.no_grad(), lampe.patched(m, growth_from=growth, **SMALL):
+        greedy = _gen(m, x, max_new_tokens=14)
+        assisted = _gen(m, x, max_new_tokens=14, assistant_model=assistant)
+    assert torch.equal(assisted[0], greedy[0])
+    assert torch.allclose(assisted[1], greedy[1], atol=1e-4)
+
+
+def test_cache_held_plans_follow_reorders_and_crops():
+    m = tiny("llama")
+    a, b = ids(100, seed=3), ids(80, seed=4)
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 20, dtype=torch.long), b], dim=1)])
+    am = torch.ones_like(batch)
+    am[1, :20] = 0
+    nxt = ids(1, batch=2, seed=9)
+    with torch.no_grad(), lampe.patched(m, **SMALL):
+        out = m(batch, attention_mask=am, use_cache=True)
+        cache = hfcompat.output_cache(out)
+        am2 = torch.cat([am, torch.ones(2, 1, dtype=am.dtype)], dim=1)
+        pos = (am2.cumsum(-1) - 1)[:, -1:]
+        step = m(nxt, attention_mask=am2, position_ids=pos, **hfcompat.cache_kwargs(m, cache)).logits
+        # crop the decode step away and swap the rows (a beam reorder): the plans must follow
+        cache.crop(-1)
+        cache.reorder_cache(torch.tensor([1, 0]))
+        swapped = m(nxt.flip(0), attention_mask=am2.flip(0), position_ids=pos.flip(0),
+                    **hfcompat.cache_kwargs(m, cache)).logits
+    assert torch.allclose(swapped.flip(0), step, atol=1e-5)
+
+
+# ---------------------------------------------------------------- item 3: training
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_training_gradients_flow_and_equal_the_torch_backend(family):
+    m = tiny(family)
+    m.train()
+    x = ids(100)
+    grads = {}
+    for backend in ("auto", "torch"):
+        m.zero_grad(set_to_none=True)
+        with lampe.patched(m, backend=backend, **SMALL):
+            m(x, labels=x).loss.backward()
+        grads[backend] = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    names = {n for n, _ in m.named_parameters()}
+    assert set(grads["auto"]) == names  # q_proj, k_proj, v_proj ... all receive a gradient
+    for n in names:
+        g, r = grads["auto"][n], grads["torch"][n]
+        assert (g - r).abs().max() <= 1e-4 * r.abs().max() + 1e-7, n
+
+
+# ---------------------------------------------------------------- item 4: sliding windows, copies, saving
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_qwen_use_sliding_window_can_be_disabled(family):
+    m = tiny(family, use_sliding_window=True, sliding_window=16, max_window_layers=1)
+    x = ids(100)
+    before = m.config.to_dict()
+    with pytest.raises(ValueError, match="disable_sliding_window"):
+        lampe.patch(m)
+    with torch.no_grad():
+        h = lampe.patch(m, disable_sliding_window=True, **SMALL)
+        long = m.generate(x, max_new_tokens=4, do_sample=False)
+        short = m(x[:, :40]).logits
+        h.remove()
+        # in-window, with the window turned off the model equals itself without a window: the
+        # tiny window of 16 makes the unpatched model differ, so compare to a windowless copy
+        plain = tiny(family)
+        plain.load_state_dict(m.state_dict())
+        assert torch.equal(short, plain(x[:, :40]).logits)
+    assert long.shape == (1, 104)
+    assert m.config.to_dict() == before
+
+
+def test_deepcopy_pickle_and_torch_save_of_a_patched_model(tmp_path):
+    import copy
+    import io
+    import pickle
+    m = tiny("llama")
+    x = ids(100)
+    h = lampe.patch(m, **SMALL)
+    with torch.no_grad():
+        ref = m(x).logits
+    c = copy.deepcopy(m)
+    assert c._lampe_handle is not h and lampe.is_patched(c)
+    c._lampe_handle.remove()
+    assert lampe.is_patched(m) and not lampe.is_patched(c)
+    with torch.no_grad():
+        assert torch.equal(m(x).logits, ref)          # the original is still patched
+        assert not torch.equal(c(x).logits, ref)      # the copy is the unpatched model now
+    for blob in (pickle.dumps(m), None):
+        if blob is None:
+            buf = io.BytesIO()
+            torch.save(m, buf)
+            buf.seek(0)
+            loaded = torch.load(buf, weights_only=False)
+        else:
+            loaded = pickle.loads(blob)
+        assert lampe.is_patched(loaded) and loaded._lampe_handle is not h
+        with torch.no_grad():
+            assert torch.equal(loaded(x).logits, ref)
+        loaded._lampe_handle.remove()
+        assert lampe.is_patched(m)
+    h.remove()
+
+
+def test_save_pretrained_writes_the_true_config(tmp_path):
+    import json
+    m = tiny("mistral", sliding_window=32)
+    x = ids(50)
+    with torch.no_grad():
+        ref = m(x).logits
+    with lampe.patched(m, disable_sliding_window=True, **SMALL):
+        m.save_pretrained(tmp_path)
+        text = (tmp_path / "config.json").read_text()
+        assert m.config.sliding_window is None  # turned off while patched
+    cfg = json.loads(text)
+    assert cfg["sliding_window"] == 32
+    assert "lampe" not in text
+    loaded = transformers.MistralForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    assert not lampe.is_patched(loaded) and loaded.config.sliding_window == 32
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, ref)
+
+
+# ---------------------------------------------------------------- item 7: what patch() will do
+
+
+def test_describe_previews_what_patch_chooses(tmp_path):
+    m = tiny("llama")
+    text = lampe.hf.describe(m.config, **SMALL)
+    h = lampe.patch(m, **SMALL)
+    try:
+        c = h.config
+        assert f"active_from = {c.active_from} tokens" in text and f"window H = {c.window}, sink T = {c.sink}" in text
+        assert f"U({W + 1})={c.mapping_length_for(W + 1)}" in text
+        assert "all 2 use LaMPE" in text and "2 LaMPE layers" in repr(h)
+    finally:
+        h.remove()
+    llama31 = transformers.LlamaConfig(
+        num_hidden_layers=2, hidden_size=64, num_attention_heads=4, max_position_embeddings=131072,
+        rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192, "rope_theta": 500000.0})
+    llama31.save_pretrained(tmp_path)
+    for src in (llama31, tmp_path, tmp_path / "config.json", llama31.to_dict()):
+        text = lampe.hf.describe(src)
+        assert "W = 131072" in text and "longer than active_from = 163840" in text and "growth_from = 196608" in text and "preset 'llama3.1'" in text
+    assert "not supported" in lampe.hf.describe({"model_type": "llama4"})
+    assert "disable_sliding_window=True (not given)" in lampe.hf.describe(
+        transformers.MistralConfig(sliding_window=4096, num_hidden_layers=2))
+
+
+# ---------------------------------------------------------------- item 9: torch.compile
+
+
+@pytest.mark.parametrize("n", [40, 100])  # below and beyond active_from
+def test_compile_fullgraph_without_graph_breaks(n):
+    m = tiny("llama")
+    x = ids(n)
+    with torch.no_grad(), lampe.patched(m, **SMALL):
+        eager = m(x).logits
+        explained = torch._dynamo.explain(m)(x)
+        reasons = [str(r.reason)[:200] for r in explained.break_reasons]
+        torch._dynamo.reset()
+        if hfcompat.VERSION >= (5, 0):
+            assert explained.graph_break_count == 0, reasons
+            compiled = torch.compile(m, fullgraph=True)(x).logits  # inductor, the default backend
+        else:
+            # 4.57 materialises the causal mask while tracing, which lampe cannot read inside the
+            # graph: each LaMPE layer's attention runs outside it, and only there.
+            assert all("LampeHandle._attend" in r for r in reasons), reasons
+            assert explained.graph_break_count <= 5 * len(hfcompat.attention_modules(m)), reasons
+            compiled = torch.compile(m)(x).logits
+    assert (compiled - eager).abs().max() <= 1e-5 * eager.abs().max()
+
+
+def test_compile_with_a_padding_mask_runs_attention_outside_the_graph():
+    m = tiny("llama")
+    x = ids(100, batch=2)
+    am = torch.ones_like(x)
+    am[1, :10] = 0
+    with torch.no_grad(), lampe.patched(m, **SMALL):
+        eager = m(x, attention_mask=am).logits
+        torch._dynamo.reset()
+        compiled = torch.compile(m, backend="eager")(x, attention_mask=am).logits
+    assert torch.allclose(compiled, eager, atol=1e-5)
+
+
+def test_packed_sequences_beyond_active_from_are_refused():
+    m = tiny("llama")
+    x = ids(100)
+    with torch.no_grad(), lampe.patched(m, **SMALL):
+        # documents of 50 and 50 tokens: without a cache transformers builds a block-diagonal mask
+        # and every document stays below active_from: the model's own attention, bit for bit
+        halves = torch.cat([torch.arange(50), torch.arange(50)])[None]
+        short = m(x, position_ids=halves, use_cache=False).logits
+        with pytest.raises(NotImplementedError, match="packed"):
+            m(x, position_ids=torch.cat([torch.arange(30), torch.arange(70)])[None], use_cache=False)
+        with pytest.raises(NotImplementedError, match="packed"):  # with a cache: one causal run, restarting
+            m(x, position_ids=halves, use_cache=True)
+    with torch.no_grad():
+        want = m(x, position_ids=halves, use_cache=False).logits
+    assert torch.equal(short, want)

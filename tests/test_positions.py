@@ -39,12 +39,12 @@ def test_spec_prompt_rows(name):
 def test_spec_decode_rows(name):
     ex = CONFIGS[name]
     shifted = lampe.plan(ex["L"], cfg_of(ex))
-    authors = lampe.plan(ex["L"], cfg_of(ex, decode="reference"))
+    authors = lampe.plan(ex["L"], cfg_of(ex, decode="authors"))
     for D, rows in ex["shifted"].items():
         assert as_rows(shifted.regions(ex["L"] + D - 1)) == expected(rows), f"shifted D={D}"
     for D, rows in ex["decode"].items():
         if rows == "error":
-            with pytest.raises(ValueError, match="decode='reference'"):
+            with pytest.raises(ValueError, match="decode='authors'"):
                 authors.regions(ex["L"] + D - 1)
         else:
             assert as_rows(authors.regions(ex["L"] + D - 1)) == expected(rows), f"decode D={D}"
@@ -293,3 +293,23 @@ def test_baseline_policies_relative_positions(mode, rng):
         assert len(t) == L * (L + 1) // 2
     with pytest.raises(ValueError, match="beyond the planned length"):
         lampe.plan(10, lampe.LampeConfig.rerope(3)).regions(10)
+
+
+def test_plans_are_immutable():
+    """Plans are cached and shared: neither fields nor mapped ids can change."""
+    p = lampe.plan(100, lampe.LampeConfig(window=8, sink=2, mapping_length=20))
+    with pytest.raises(AttributeError):
+        p.length = 3
+    with pytest.raises(AttributeError):
+        p.sink_size = 0
+    with pytest.raises(ValueError):
+        p.mapped_ids[0] = 7
+    with pytest.raises(ValueError):
+        p.mapped_ids.setflags(write=True)
+    base = p.mapped_ids
+    while isinstance(getattr(base, "base", None), np.ndarray):
+        base = base.base
+        with pytest.raises(ValueError):
+            base.setflags(write=True)
+    q = lampe.plan(100, lampe.LampeConfig(window=8, sink=2, mapping_length=20))
+    assert q.length == 100 and q.mapped_ids[-1] == 20

@@ -52,21 +52,30 @@ def rot_matrix_apply(x, pos, freq, amp):
     return out
 
 
-def brute_force(q, k, v, cfg, freq, prompt_length):
-    """One softmax over the multiset of plan.table() visits, entry by entry (B = 1)."""
+def brute_force(q, k, v, cfg, freq, prompt_length, query_start=None, key_count=None, softcap=None):
+    """One softmax over the multiset of plan.table() visits, entry by entry (B = 1): query row t
+    at position query_start + t (default: the last Lq positions), keys >= key_count dropped,
+    logits optionally soft-capped."""
     _, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     p = lampe.plan(prompt_length, cfg)
     G = Hq // Hkv
     out = np.zeros((Hq, Lq, D))
-    rows = [Lk - Lq + t for t in range(Lq)]
-    table = p.table(rows)
+    start = Lk - Lq if query_start is None else query_start
+    rows = [start + t for t in range(Lq)]
+    table = p.table([r for r in rows if r >= 0])
+    if key_count is not None:
+        table = table[table["key"] < key_count]
     for t, pos in enumerate(rows):
         ent = table[table["query"] == pos]
+        if len(ent) == 0:
+            continue
         for h in range(Hq):
             qs = [rot_matrix_apply(q[0, h, t], e["qpos"], freq, cfg.temperature) for e in ent]
             ks = [rot_matrix_apply(k[0, h // G, e["key"]], e["kpos"], freq, cfg.temperature) for e in ent]
             s = np.array([a @ b for a, b in zip(qs, ks)]) / math.sqrt(D)
+            if softcap:
+                s = softcap * np.tanh(s / softcap)
             w = np.exp(s - s.max())
             out[h, t] = (w / w.sum()) @ v[0, h // G, ent["key"]]
     return out
@@ -83,6 +92,34 @@ def test_reference_equals_brute_force(rng, Lk, Lq, prompt, H, T, U):
     f = inv_freq(D)
     ref = lampe.reference.attention(q, k, v, cfg, f, prompt_length=prompt)
     np.testing.assert_allclose(ref[0], brute_force(q, k, v, cfg, f, prompt), atol=1e-12)
+
+
+@pytest.mark.parametrize("Lk,Lq,prompt,qstart,count,softcap", [
+    (40, 9, 25, 20, 30, None),   # a static cache: queries mid-way, prompt rows and rows after it
+    (40, 6, 18, 30, 33, 1.3),    # rows past the last valid key see only the valid ones
+    (30, 5, 20, -2, 30, None),   # rows at negative positions output zeros
+    (24, 24, 24, 0, 24, 0.8),    # soft-capped prefill
+])
+def test_reference_layout_equals_brute_force(rng, Lk, Lq, prompt, qstart, count, softcap):
+    D, pad = 8, 3
+    q = rng.standard_normal((1, 4, Lq, D)) * 2
+    k = rng.standard_normal((1, 2, Lk, D)) * 2
+    v = rng.standard_normal((1, 2, Lk, D))
+    cfg = lampe.LampeConfig(window=4, sink=2, mapping_length=5, temperature=1.07)
+    f = inv_freq(D)
+    # the same row behind `pad` left pads, with junk in the pads and in the never-attended tail
+    junk = lambda x: np.concatenate([rng.standard_normal((1, x.shape[1], pad, D)) * 50, x], axis=2)
+    kj, vj = junk(k), junk(v)
+    kj[:, :, pad + count:] = vj[:, :, pad + count:] = 1e3
+    mask = np.zeros((1, Lk + pad), bool)
+    mask[0, pad:pad + count] = True
+    ref, lse = lampe.reference.attention(q, kj, vj, cfg, f, key_padding_mask=mask, query_start=qstart,
+                                         prompt_length=prompt + pad, softcap=softcap, return_lse=True)
+    want = brute_force(q, k, v, cfg, f, prompt, query_start=qstart, key_count=count, softcap=softcap)
+    np.testing.assert_allclose(ref[0], want, atol=1e-12)
+    negative = np.arange(Lq) + qstart < 0
+    assert np.all(ref[0][:, negative] == 0) and np.all(np.isneginf(lse[0][:, negative]))
+    assert np.all(np.isfinite(lse[0][:, ~negative]))
 
 
 def test_reference_none_is_causal_rope(rng):
@@ -124,7 +161,7 @@ def test_reference_argument_errors(rng):
         lampe.reference.attention(q, k, k, cfg, f, prompt_length=6)
     with pytest.raises(ValueError, match="q has more positions"):
         lampe.reference.attention(rng.standard_normal((1, 2, 6, 8)), k, k, cfg, f)
-    with pytest.raises(ValueError, match="left padding"):
+    with pytest.raises(ValueError, match="key_padding_mask"):  # a hole inside the valid keys
         lampe.reference.attention(q, k, k, cfg, f, key_padding_mask=np.array([[True, False, True, True, True]]))
     with pytest.raises(TypeError, match="key_padding_mask"):
         lampe.reference.attention(q, k, k, cfg, f, key_padding_mask=np.ones((1, 5)))

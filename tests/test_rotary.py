@@ -157,3 +157,52 @@ def test_rope_errors(rng):
         lampe.rope(buf[:, :, :5], pos, f, out=buf[:, :, 1:])
     # empty sizes are fine and do nothing
     assert lampe.rope(np.zeros((0, 2, 5, 8), np.float32), pos, f).shape == (0, 2, 5, 8)
+
+
+# ---------------------------------------------------------------- issue 12 part 2 regressions
+
+def test_rope_refuses_an_out_with_overlapping_elements(rng):
+    """An expanded out= (stride 0) used to rotate its shared row once per head."""
+    torch = pytest.importorskip("torch")
+    f = (1 / 10000 ** (np.arange(0, 16, 2) / 16)).astype(np.float32)
+    x = torch.randn(1, 1, 4, 16).expand(1, 3, 4, 16)
+    before = x.clone()
+    with pytest.raises(ValueError, match="out"):
+        lampe.rope(x, torch.arange(4), f, out=x)
+    assert torch.equal(x, before)
+    y = np.lib.stride_tricks.as_strided(np.zeros(64, np.float32), (1, 3, 4, 16), (0, 0, 64, 4), writeable=True)
+    with pytest.raises(ValueError, match="out"):
+        lampe.rope(y.copy(), np.arange(4), f, out=y)
+
+
+def test_rope_negative_and_odd_strides_accepted(rng):
+    """x[..., ::-1] and a reversed out= are accepted like any other non-contiguous array."""
+    f = inv_freq(16)
+    pos = np.arange(6) * 3
+    base = rng.standard_normal((2, 3, 6, 16)).astype(np.float32)
+    x = base[..., ::-1]
+    want = lampe.rope(np.ascontiguousarray(x), pos, f)
+    np.testing.assert_array_equal(lampe.rope(x, pos, f), want)
+    out = np.zeros((2, 3, 6, 16), np.float32)[..., ::-1]
+    assert lampe.rope(x, pos, f, out=out) is out
+    np.testing.assert_array_equal(out, want)
+    # every-other-element rows, in place through a reversed view
+    x2 = rng.standard_normal((2, 3, 6, 32)).astype(np.float32)[..., ::2]
+    want2 = lampe.rope(np.ascontiguousarray(x2), pos, f)
+    lampe.rope(x2, pos, f, out=x2)
+    np.testing.assert_array_equal(x2, want2)
+
+
+def test_rope_inv_freq_must_be_1d(rng):
+    x = rng.standard_normal((1, 1, 3, 16)).astype(np.float32)
+    with pytest.raises(ValueError, match="inv_freq"):
+        lampe.rope(x, np.arange(3), inv_freq(16).reshape(2, 4))
+
+
+def test_rope_refuses_inputs_that_require_grad():
+    torch = pytest.importorskip("torch")
+    x = torch.randn(1, 2, 5, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match="backward"):
+        lampe.rope(x, torch.arange(5), inv_freq(8))
+    with torch.no_grad():
+        assert lampe.rope(x, torch.arange(5), inv_freq(8)).shape == (1, 2, 5, 8)

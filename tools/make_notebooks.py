@@ -25,7 +25,7 @@ NB["01_positions_and_regions.ipynb"] = [
              "ax.set_title(f'L={L}, U={plan.mapping_length}: R={plan.sink_size}, b1={plan.bias_map}, "
              "b2={plan.bias_sink}')\nplt.show()"),
     ("md", "## Region map\nFor every (query, key) pair: which region covers it. Pairs at distance H and "
-           "L − R are covered twice in reference mode (the authors' boundary duplicates)."),
+           "L − R are covered twice in mode \"lampe\" (the authors' boundary duplicates)."),
     ("code", "t = plan.table()\ncode = {'local': 1, 'map': 2, 'sink': 3}\ngrid = np.zeros((L, L))\n"
              "for q, k, r in zip(t['query'], t['key'], t['region']):\n    grid[q, k] += code[r] * (10 if grid[q, k] else 1)\n"
              "fig, ax = plt.subplots(figsize=(5, 5))\nax.imshow(np.where(grid == 0, np.nan, np.log1p(grid)), cmap='tab20')\n"

@@ -1,6 +1,14 @@
 /*
  * Run-time CPU dispatch. Features come from CPUID *and* XGETBV: a CPU may report AVX-512 while
- * the OS has not enabled the zmm state, and then the instructions fault.
+ * the OS has not enabled the zmm state, and then the instructions fault. AMX additionally needs
+ * the OS to manage the tile state (XCR0 bits 17-18) and, on Linux, a per-process permission for
+ * the 8 KB tile data (arch_prctl ARCH_REQ_XCOMP_PERM), asked for once here; when it is refused
+ * the amx level is simply unavailable and the best other level runs.
+ *
+ * Levels form a line (scalar < avx2 < avx512 < avx512bf16 < amx): every CPU with a level has the
+ * features of the lower ones (Zen 4/5 stop at avx512bf16, Sapphire Rapids reaches amx). The cap
+ * (LAMPE_CPU_ISA, lampe_set_isa) picks the best available level not above it. The two emulated
+ * test levels sit outside the line and are only ever selected by name.
  */
 #define _GNU_SOURCE
 #include <sched.h>
@@ -12,12 +20,41 @@
 
 #ifdef LAMPE_X86
 #include <cpuid.h>
+#ifdef __linux__
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+/* The kernel tables of the levels added after internal.h's list (defined in csrc/cpu). A
+ * compiler without -mavx512bf16 / -mamx-* builds without those units (setup.py defines
+ * LAMPE_WITHOUT_*): their levels are then never available. */
+extern const lampe_kernels lampe_kernels_amx;
+extern const lampe_kernels lampe_kernels_avx512bf16_emu;
+extern const lampe_kernels lampe_kernels_amx_emu;
+#ifdef LAMPE_WITHOUT_AVX512BF16
+#define LAMPE_WITHOUT_AMX 1
+#endif
 
 static uint64_t xgetbv0(void)
 {
     uint32_t eax, edx;
     __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
     return ((uint64_t)edx << 32) | eax;
+}
+
+/* Linux: ask for the AMX tile data state (XFEATURE_XTILEDATA = 18) and confirm it is granted.
+ * Elsewhere AMX is not used. */
+static int amx_permitted(void)
+{
+#ifdef __linux__
+    enum { ARCH_GET_XCOMP_PERM_ = 0x1022, ARCH_REQ_XCOMP_PERM_ = 0x1023, XFEATURE_XTILEDATA_ = 18 };
+    if (syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM_, XFEATURE_XTILEDATA_) != 0) return 0;
+    unsigned long granted = 0;
+    if (syscall(SYS_arch_prctl, ARCH_GET_XCOMP_PERM_, &granted) != 0) return 0;
+    return (int)((granted >> XFEATURE_XTILEDATA_) & 1);
+#else
+    return 0;
+#endif
 }
 
 static uint32_t detect(void)
@@ -35,10 +72,21 @@ static uint32_t detect(void)
     const int f512 = (b >> 16) & 1, dq = (b >> 17) & 1, bw = (b >> 30) & 1, vl = (b >> 31) & 1;
     if (avx2 && fma && f16c) mask |= 1u << LAMPE_ISA_AVX2;
     const int zmm_state = (xcr0 & 0xE6) == 0xE6; /* opmask, ZMM_Hi256, Hi16_ZMM */
+    const int amx_tile = (d >> 24) & 1, amx_bf16 = (d >> 22) & 1;
+    const int tile_state = ((xcr0 >> 17) & 3) == 3; /* XTILECFG and XTILEDATA */
     if ((mask & (1u << LAMPE_ISA_AVX2)) && zmm_state && f512 && dq && bw && vl) {
         mask |= 1u << LAMPE_ISA_AVX512;
         __cpuid_count(7, 1, a, b, c, d);
-        if ((a >> 5) & 1) mask |= 1u << LAMPE_ISA_AVX512BF16;
+        if ((a >> 5) & 1) {
+#ifndef LAMPE_WITHOUT_AVX512BF16
+            mask |= 1u << LAMPE_ISA_AVX512BF16;
+#endif
+#ifndef LAMPE_WITHOUT_AMX
+            if (amx_tile && amx_bf16 && tile_state && amx_permitted()) mask |= 1u << LAMPE_ISA_AMX;
+#else
+            (void)amx_tile, (void)amx_bf16, (void)tile_state, (void)amx_permitted;
+#endif
+        }
     }
     return mask;
 }
@@ -46,10 +94,16 @@ static uint32_t detect(void)
 static uint32_t detect(void) { return 1u << LAMPE_ISA_SCALAR; }
 #endif
 
-static const char *const names[LAMPE_ISA_COUNT] = {"scalar", "avx2", "avx512", "avx512bf16"};
+static const char *const names[LAMPE_ISA_ALL] = {"scalar", "avx2", "avx512", "avx512bf16", "amx",
+                                                  "avx512bf16-emu", "amx-emu"};
 
 static uint32_t g_mask;
-static int g_cap = -1; /* highest ISA allowed; -1 until initialised */
+static int g_cap = -1; /* highest level allowed, or a test level; -1 until initialised */
+
+static int is_test_level(int isa) { return isa >= LAMPE_ISA_COUNT && isa < LAMPE_ISA_ALL; }
+
+/* A test level runs the AVX-512 instructions its emulation is made of. */
+static int test_level_ok(void) { return (g_mask >> LAMPE_ISA_AVX512) & 1; }
 
 static void init(void)
 {
@@ -59,7 +113,7 @@ static void init(void)
     const char *env = getenv("LAMPE_CPU_ISA");
     if (env && *env) {
         int want = lampe_isa_from_name(env);
-        if (want >= 0) cap = want;
+        if (want >= 0 && (!is_test_level(want) || test_level_ok())) cap = want;
     }
     g_cap = cap;
 }
@@ -73,6 +127,7 @@ uint32_t lampe_isa_available_mask(void)
 lampe_isa lampe_isa_current(void)
 {
     init();
+    if (is_test_level(g_cap)) return (lampe_isa)g_cap;
     for (int i = g_cap; i > 0; i--)
         if (g_mask & (1u << i)) return (lampe_isa)i;
     return LAMPE_ISA_SCALAR;
@@ -81,21 +136,21 @@ lampe_isa lampe_isa_current(void)
 int lampe_set_isa(lampe_isa isa)
 {
     init();
-    if ((int)isa < 0 || isa >= LAMPE_ISA_COUNT) return LAMPE_ERR_ARG;
-    if (!(g_mask & (1u << isa))) return LAMPE_ERR_UNSUPPORTED;
+    if ((int)isa < 0 || isa >= LAMPE_ISA_ALL) return LAMPE_ERR_ARG;
+    if (is_test_level(isa) ? !test_level_ok() : !(g_mask & (1u << isa))) return LAMPE_ERR_UNSUPPORTED;
     g_cap = isa;
     return LAMPE_OK;
 }
 
 const char *lampe_isa_name(lampe_isa isa)
 {
-    return ((int)isa >= 0 && isa < LAMPE_ISA_COUNT) ? names[isa] : "unknown";
+    return ((int)isa >= 0 && isa < LAMPE_ISA_ALL) ? names[isa] : "unknown";
 }
 
 int lampe_isa_from_name(const char *name)
 {
     if (!name) return -1;
-    for (int i = 0; i < LAMPE_ISA_COUNT; i++)
+    for (int i = 0; i < LAMPE_ISA_ALL; i++)
         if (!strcasecmp(name, names[i])) return i;
     return -1;
 }
@@ -104,7 +159,14 @@ const lampe_kernels *lampe_kernels_active(void)
 {
     switch (lampe_isa_current()) {
 #ifdef LAMPE_X86
+    case LAMPE_ISA_AMX_EMU: return &lampe_kernels_amx_emu;
+    case LAMPE_ISA_AVX512BF16_EMU: return &lampe_kernels_avx512bf16_emu;
+#ifndef LAMPE_WITHOUT_AMX
+    case LAMPE_ISA_AMX: return &lampe_kernels_amx;
+#endif
+#ifndef LAMPE_WITHOUT_AVX512BF16
     case LAMPE_ISA_AVX512BF16: return &lampe_kernels_avx512bf16;
+#endif
     case LAMPE_ISA_AVX512: return &lampe_kernels_avx512;
     case LAMPE_ISA_AVX2: return &lampe_kernels_avx2;
 #endif

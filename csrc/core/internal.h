@@ -15,16 +15,16 @@ typedef void (*lampe_task_fn)(void *ctx, int tid, int nthreads);
 void lampe_parallel_run(int nthreads, lampe_task_fn fn, void *ctx);
 int lampe_resolve_threads(int requested);
 
-struct lampe_attn_plan; /* defined in attention.h */
+struct lampe_attn_work; /* defined in attention.h */
 
 typedef struct lampe_kernels {
     lampe_isa isa;
     /* Rotate tokens [t0, t1) of every (batch, head) row; scratch: 32 * rotary_dim + head_dim floats. */
     void (*rope_tokens)(const lampe_rope_params *p, int64_t t0, int64_t t1, float *scratch);
     /* One attention work item (a query tile, or one key chunk of it). */
-    void (*attn_item)(const struct lampe_attn_plan *ap, int64_t item, float *scratch);
+    void (*attn_item)(const struct lampe_attn_work *work, int64_t item, float *scratch);
     /* One block of the prefill panels (see attention.h); scratch holds 3 * head_dim floats. */
-    void (*attn_pack)(const struct lampe_attn_plan *ap, int64_t item, float *scratch);
+    void (*attn_pack)(const struct lampe_attn_work *work, int64_t item, float *scratch);
 } lampe_kernels;
 
 const lampe_kernels *lampe_kernels_active(void);

@@ -14,10 +14,13 @@ const char *lampe_status_string(int status)
     case LAMPE_OK: return "ok";
     case LAMPE_ERR_ARG: return "invalid argument";
     case LAMPE_ERR_SINK: return "sink: the extended sink R must satisfy 1 <= R <= L - window";
-    case LAMPE_ERR_LENGTH: return "length above 2^24 tokens (the float32 mapping is exact only up to 2^24)";
-    case LAMPE_ERR_DECODE_RANGE: return "decode='reference' is defined only for the first `window` steps after the prompt";
+    case LAMPE_ERR_LENGTH:
+        return "a length above the supported maximum: prompts (plans) of up to 2^24 tokens, where the float32 mapping "
+               "is exact, and positions below 2^25";
+    case LAMPE_ERR_DECODE_RANGE: return "decode='authors' is defined only for the first `window` steps after the prompt";
     case LAMPE_ERR_NOMEM: return "out of memory";
     case LAMPE_ERR_UNSUPPORTED: return "not supported on this CPU or build";
+    case LAMPE_ERR_OVERFLOW: return "scale: a logit overflows float32 (scale * <q, k> beyond 3.4e38)";
     default: return "unknown error";
     }
 }
@@ -46,9 +49,9 @@ int lampe_plan_make(lampe_plan *plan, int64_t L, int64_t H, int64_t T, int64_t U
 {
     if (!plan || !m) return LAMPE_ERR_ARG;
     if (L < 1 || H < 1 || T < 1 || U < 1) return LAMPE_ERR_ARG;
-    if (mode != LAMPE_MODE_REFERENCE && mode != LAMPE_MODE_SELFEXTEND && mode != LAMPE_MODE_REROPE)
+    if (mode != LAMPE_MODE_LAMPE && mode != LAMPE_MODE_SELFEXTEND && mode != LAMPE_MODE_REROPE)
         return LAMPE_ERR_ARG;
-    if (decode != LAMPE_DECODE_SHIFTED && decode != LAMPE_DECODE_REFERENCE) return LAMPE_ERR_ARG;
+    if (decode != LAMPE_DECODE_SHIFTED && decode != LAMPE_DECODE_AUTHORS) return LAMPE_ERR_ARG;
     if (L > LAMPE_MAX_LENGTH || U > LAMPE_MAX_LENGTH || H > LAMPE_MAX_LENGTH ||
         T > LAMPE_MAX_LENGTH)
         return LAMPE_ERR_LENGTH;
@@ -60,7 +63,7 @@ int lampe_plan_make(lampe_plan *plan, int64_t L, int64_t H, int64_t T, int64_t U
     plan->mode = mode;
     plan->decode = decode;
     plan->mapped_ids = m;
-    if (mode != LAMPE_MODE_REFERENCE) { /* baselines: fixed position maps, no sink, no offsets */
+    if (mode != LAMPE_MODE_LAMPE) { /* baselines: fixed position maps, no sink, no offsets */
         for (int64_t p = 0; p < L; p++) m[p] = mode == LAMPE_MODE_SELFEXTEND ? p / U : 0;
         return LAMPE_OK;
     }
@@ -99,13 +102,13 @@ static void put(lampe_region *out, int *n, int kind, int mapped, int64_t lo, int
 int lampe_plan_regions(const lampe_plan *pl, int64_t i, lampe_region *out, int *count)
 {
     if (!pl || !out || !count || i < 0) return LAMPE_ERR_ARG;
-    if (i >= LAMPE_MAX_LENGTH * 2) return LAMPE_ERR_LENGTH;
+    if (i >= LAMPE_MAX_POSITIONS) return LAMPE_ERR_LENGTH;
     *count = 0;
     const int64_t L = pl->length, H = pl->window, R = pl->sink_size;
     const int64_t b1 = pl->bias_map, b2 = pl->bias_sink;
     const int64_t *m = pl->mapped_ids;
 
-    if (pl->mode != LAMPE_MODE_REFERENCE) {
+    if (pl->mode != LAMPE_MODE_LAMPE) {
         if (i >= L) return LAMPE_ERR_ARG; /* baselines plan the total length: no rows after it */
         const int64_t lo = i - H + 1;
         put(out, count, LAMPE_REGION_LOCAL, 0, lo > 0 ? lo : 0, i, i, 0);
@@ -129,7 +132,7 @@ int lampe_plan_regions(const lampe_plan *pl, int64_t i, lampe_region *out, int *
     /* §0 / §2.3: a row after the prompt, step D; an exact partition of 0..i. */
     const int64_t D = i - L + 1;
     int64_t shift = D;
-    if (pl->decode == LAMPE_DECODE_REFERENCE) {
+    if (pl->decode == LAMPE_DECODE_AUTHORS) {
         if (D > H) { /* the authors' kpos = m[j] would read past m[L-1] */
             *count = 0;
             return LAMPE_ERR_DECODE_RANGE;

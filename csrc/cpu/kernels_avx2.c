@@ -3,6 +3,7 @@
 #include "../core/internal.h"
 #include "simd.h"
 #include "rope_impl.h"
+#include "attn_tiles.h"
 #include "attn_impl.h"
 
 const lampe_kernels lampe_kernels_avx2 = {LAMPE_ISA_AVX2, rope_tokens, attn_item, attn_pack};

@@ -27,6 +27,7 @@ static inline vf v_max(vf a, vf b) { return a > b ? a : b; }
 static inline float v_hsum(vf a) { return a; }
 static inline float v_hmax(vf a) { return a; }
 static inline vf v_exp2(vf x) { return exp2f(x); }
+static inline vf v_tanh(vf x) { return tanhf(x); }
 
 #else /* ------------------------------------------------------------------ x86 */
 #include <immintrin.h>
@@ -57,12 +58,13 @@ static inline float v_hmax(vf a)
     s = _mm_max_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
-/* 2^x with Cephes' exp2f polynomial on [-0.5, 0.5] (~2 ulp); x < -126 gives exactly 0. */
+/* 2^x with Cephes' exp2f polynomial on [-0.5, 0.5] (~2 ulp); x < -126 gives exactly 0 and NaN
+ * stays NaN (max/min return their second operand when one is NaN, so the clamp keeps it). */
 static inline vf v_exp2(vf x)
 {
     const vf lo = _mm256_set1_ps(-126.0f);
-    const vf keep = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);
-    x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(127.0f));
+    const vf keep = _mm256_cmp_ps(x, lo, _CMP_NLT_UQ);
+    x = _mm256_min_ps(_mm256_set1_ps(127.0f), _mm256_max_ps(lo, x));
     const vf n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const vf f = _mm256_sub_ps(x, n);
     vf p = _mm256_set1_ps(1.535336188319500e-4f);
@@ -74,6 +76,22 @@ static inline vf v_exp2(vf x)
     p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
+}
+/* tanh: Cephes' tanhf polynomial below |x| = 0.625, 1 - 2 / (e^{2|x|} + 1) above (sign copied). */
+static inline vf v_tanh(vf x)
+{
+    const vf sign = _mm256_set1_ps(-0.0f), ax = _mm256_andnot_ps(sign, x), z = _mm256_mul_ps(x, x);
+    vf p = _mm256_set1_ps(-5.70498872745e-3f);
+    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(2.06390887954e-2f));
+    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-5.37397155531e-2f));
+    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(1.33314422036e-1f));
+    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-3.33332819422e-1f));
+    const vf small = _mm256_fmadd_ps(_mm256_mul_ps(p, z), x, x);
+    const vf e = v_exp2(_mm256_mul_ps(ax, _mm256_set1_ps(2.8853900817779268f))); /* 2 log2(e) |x| */
+    const vf one = _mm256_set1_ps(1.0f);
+    const vf big = _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, one)));
+    const vf use_small = _mm256_cmp_ps(ax, _mm256_set1_ps(0.625f), _CMP_LT_OQ);
+    return _mm256_blendv_ps(_mm256_or_ps(big, _mm256_and_ps(sign, x)), small, use_small);
 }
 #define V_HAVE_F16C 1
 static inline vf v_load_bf16(const uint16_t *p)
@@ -100,11 +118,12 @@ static inline vf v_fma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 static inline vf v_max(vf a, vf b) { return _mm512_max_ps(a, b); }
 static inline float v_hsum(vf a) { return _mm512_reduce_add_ps(a); }
 static inline float v_hmax(vf a) { return _mm512_reduce_max_ps(a); }
+/* As the AVX2 version: x < -126 gives exactly 0, NaN stays NaN. */
 static inline vf v_exp2(vf x)
 {
     const vf lo = _mm512_set1_ps(-126.0f);
-    const __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);
-    x = _mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(127.0f));
+    const __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ);
+    x = _mm512_min_ps(_mm512_set1_ps(127.0f), _mm512_max_ps(lo, x));
     const vf n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const vf f = _mm512_sub_ps(x, n);
     vf p = _mm512_set1_ps(1.535336188319500e-4f);
@@ -115,6 +134,23 @@ static inline vf v_exp2(vf x)
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
     return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, n));
+}
+static inline vf v_tanh(vf x)
+{
+    const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
+    const vf ax = _mm512_abs_ps(x), z = _mm512_mul_ps(x, x);
+    vf p = _mm512_set1_ps(-5.70498872745e-3f);
+    p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(2.06390887954e-2f));
+    p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(-5.37397155531e-2f));
+    p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(1.33314422036e-1f));
+    p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(-3.33332819422e-1f));
+    const vf small = _mm512_fmadd_ps(_mm512_mul_ps(p, z), x, x);
+    const vf e = v_exp2(_mm512_mul_ps(ax, _mm512_set1_ps(2.8853900817779268f)));
+    const vf one = _mm512_set1_ps(1.0f);
+    const vf big = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, one)));
+    const vf sbig = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(big),
+                                                        _mm512_and_si512(_mm512_castps_si512(x), sign)));
+    return _mm512_mask_mov_ps(sbig, _mm512_cmp_ps_mask(ax, _mm512_set1_ps(0.625f), _CMP_LT_OQ), small);
 }
 #define V_HAVE_F16C 1
 static inline vf v_load_bf16(const uint16_t *p)

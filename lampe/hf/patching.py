@@ -4,10 +4,11 @@ How it hooks in (see docs/patching.md for the reasons):
 - a "lampe" attention function (and a pass-through mask function) is registered with
   transformers' AttentionInterface / AttentionMaskInterface and selected with
   set_attn_implementation; the previous implementation is remembered and restored;
-- a forward hook makes the model's rotary embedding return the identity rotation, so the stock
-  attention forward hands un-rotated q and k to lampe and the cache stores un-rotated keys;
-  lampe rotates with the model's own inv_freq and attention_scaling;
-- a forward pre-hook on each attention module picks up the Cache, where per-row plans live.
+- a forward pre-hook on each global attention layer hands it the identity rotation instead of the
+  model's cos/sin (kept aside for the model's own path), so the cache stores un-rotated keys and
+  lampe rotates with the model's own inv_freq and attention_scaling; sliding-window layers of
+  families built with them (Gemma 2/3) are left untouched;
+- the same pre-hook picks up the Cache, where per-row plans live.
 Nothing is stored at module level except the two registered names: two patched models do not
 share state.
 """
@@ -15,39 +16,33 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Optional
+from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 
-from ..attention import attention as kernel_attention
 from .. import torch_backend
 from ..config import LampeConfig, paper_sizes
+from ..torch_ops import op_numbers
 from . import compat
+from .families import FAMILIES, ROPE_TYPES, SCALED_ROPE_TYPES, UNSUPPORTED
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_FAMILIES = tuple(FAMILIES)
 ATTN_NAME = {"sdpa": "lampe", "eager": "lampe_eager"}
-
-_UNSUPPORTED_REASON = {
-    "gemma3": "per-layer-type rotary embeddings (local and global RoPE bases)",
-    "gemma3_text": "per-layer-type rotary embeddings (local and global RoPE bases)",
-    "llama4": "NoPE layers (layers without rotary embeddings) and chunked attention",
-    "smollm3": "NoPE layers (layers without rotary embeddings)",
-    "phi": "partial rotary embeddings in its attention",
-    "phi3": "partial rotary embeddings",
-    "gptj": "interleaved rotary embeddings",
-    "gpt_neox": "partial rotary embeddings",
-    "qwen3_next": "linear-attention layers and partial rotary embeddings",
-}
+#: Implementations lampe takes over; a flash-attention model runs sdpa below active_from while
+#: patched (flash kernels are not available to every device) and gets flash back on remove().
+COMPUTE_IMPL = {"sdpa": "sdpa", "eager": "eager", "flash_attention_2": "sdpa", "flash_attention_3": "sdpa"}
+_BASELINES = ("selfextend", "rerope")
 
 
 # ---------------------------------------------------------------------------------------- defaults
 
 
 def pretrained_window(config) -> int:
-    """W: the context the model was pretrained with (spec of issue 4's table)."""
+    """W: the context the model was pretrained with."""
     rtype = compat.rope_type(config)
     rp = compat.rope_parameters(config)
-    if rtype in ("yarn", "linear", "dynamic", "longrope"):
+    if rtype in SCALED_ROPE_TYPES:
         w = rp.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
         if w:
             return int(w)
@@ -71,8 +66,8 @@ def mapping_preset(config) -> str:
 def default_config(model_config, **overrides) -> LampeConfig:
     W = pretrained_window(model_config)
     window, sink = paper_sizes(W)
-    # Do no harm (docs/results.md): LaMPE from prompts of 1.25 W; a shorter prompt's sequence keeps
-    # the model's own attention while generating, up to 1.5 W.
+    # Do no harm (docs/results.md): LaMPE from prompts longer than 1.25 W; a sequence whose prompt
+    # was shorter keeps the model's own attention while it grows by generation, up to 1.5 W.
     base = dict(window=window, sink=sink, mapping_length=mapping_preset(model_config), pretrained_window=W,
                 active_from=W + W // 4, growth_from=W + W // 2)
     base.update(overrides)
@@ -83,32 +78,184 @@ def default_config(model_config, **overrides) -> LampeConfig:
 
 
 def _check_family(model):
+    """The family entry, or a NotImplementedError that names what is missing."""
     config = model.config
     family = getattr(config, "model_type", type(model).__name__)
-    if family in _UNSUPPORTED_REASON:
+    if family in UNSUPPORTED:
         raise NotImplementedError(f"lampe.patch: {family} models are not supported: lampe does not handle "
-                                  f"{_UNSUPPORTED_REASON[family]} yet")
-    if family not in SUPPORTED_FAMILIES:
+                                  f"{UNSUPPORTED[family]} yet")
+    if family not in FAMILIES:
         raise NotImplementedError(f"lampe.patch: the {family} family is not supported (supported: "
                                   f"{', '.join(SUPPORTED_FAMILIES)})")
-    if getattr(config, "partial_rotary_factor", 1.0) not in (None, 1, 1.0):
-        raise NotImplementedError(f"lampe.patch: {family} with partial_rotary_factor="
-                                  f"{config.partial_rotary_factor}: partial rotary is not supported in patching yet")
+    fam = FAMILIES[family]
+    if compat.VERSION < fam.min_version:
+        raise NotImplementedError(f"lampe.patch: {fam.name} needs transformers >= "
+                                  f"{'.'.join(map(str, fam.min_version))} (found {'.'.join(map(str, compat.VERSION))}):"
+                                  f" {fam.note}")
     if getattr(config, "no_rope_layers", None) and not all(getattr(config, "no_rope_layers")):
         raise NotImplementedError(f"lampe.patch: {family} with NoPE layers (no_rope_layers) is not supported")
-    if compat.rope_type(config) not in ("default", "llama3", "yarn", "linear", "dynamic", "longrope"):
-        raise NotImplementedError(f"lampe.patch: rope type {compat.rope_type(config)!r} is not supported")
-    rot = compat.rotary_modules(model)
-    if len(rot) != 1:
-        raise NotImplementedError(f"lampe.patch: {family} has {len(rot)} rotary embedding modules; per-layer-type "
-                                  "rotary embeddings are not supported")
-    if not compat.attention_modules(model):
+    if compat.rope_type(config) not in ROPE_TYPES:
+        raise NotImplementedError(f"lampe.patch: rope type {compat.rope_type(config)!r} is not supported (supported: "
+                                  f"{', '.join(ROPE_TYPES)})")
+    modules = compat.attention_modules(model)
+    if not modules:
         raise NotImplementedError(f"lampe.patch: found no attention modules in this {family} model")
-    return rot[0]
+    legacy = [m for m in modules if not compat.uses_attention_interface(type(m))]
+    if legacy:
+        raise NotImplementedError(f"lampe.patch: {type(legacy[0]).__name__} does not use transformers' attention "
+                                  f"interface in transformers {'.'.join(map(str, compat.VERSION))}; upgrade "
+                                  "transformers")
+    return fam, modules
 
 
 def is_patched(model) -> bool:
     return getattr(model, "_lampe_handle", None) is not None
+
+
+# ---------------------------------------------------------------------------------------- state
+
+
+class _Call:
+    """What one attention module's forward received (set by its pre-hook, read by attend)."""
+    __slots__ = ("cache", "position_ids", "cache_position", "cos", "sin")
+
+    def __init__(self, cache, position_ids, cache_position, cos, sin):
+        self.cache, self.position_ids, self.cache_position, self.cos, self.sin = (
+            cache, position_ids, cache_position, cos, sin)
+
+
+class _CacheState:
+    """lampe's state on one Cache: each row's plan (the prompt length its positions were planned
+    from, 0 = none yet; host memory, where plans are made) and each key's position (for the
+    model's own attention below active_from), both following the cache's reorders."""
+
+    def __init__(self):
+        self.plans: Optional[list] = None
+        self.kpos: Optional[torch.Tensor] = None
+
+    def select(self, index):
+        """Rows ``index`` (a beam reorder or a batch selection)."""
+        idx = index.detach().to("cpu", torch.long).tolist() if torch.is_tensor(index) else list(index)
+        if self.plans is not None:
+            self.plans = [self.plans[i] for i in idx]
+        if self.kpos is not None:
+            self.kpos = self.kpos[torch.as_tensor(idx, device=self.kpos.device)]
+
+    def repeat(self, repeats: int):
+        if self.plans is not None:
+            self.plans = [p for p in self.plans for _ in range(repeats)]
+        if self.kpos is not None:
+            self.kpos = self.kpos.repeat_interleave(repeats, dim=0)
+
+
+# Cache methods wrapped on adopted caches (module-level so a deepcopied cache rebinds them).
+def _cache_update(cache, *args, **kwargs):
+    handle = cache._lampe_handle
+    if not handle.active:
+        raise RuntimeError("this cache holds un-rotated keys written by a lampe-patched model; it cannot "
+                           "be used after handle.remove(): start a new cache")
+    return type(cache).update(cache, *args, **kwargs)
+
+
+def _cache_reorder(cache, beam_idx):
+    type(cache).reorder_cache(cache, beam_idx)
+    cache._lampe_state.select(beam_idx)
+
+
+def _cache_select(cache, indices):
+    type(cache).batch_select_indices(cache, indices)
+    cache._lampe_state.select(indices)
+
+
+def _cache_repeat(cache, repeats):
+    type(cache).batch_repeat_interleave(cache, repeats)
+    cache._lampe_state.repeat(repeats)
+
+
+class _CacheMethod:
+    """One of the wrappers below bound to a cache (a plain object, which torch.compile traces
+    where it does not trace types.MethodType)."""
+
+    def __init__(self, fn, cache):
+        self.fn, self.cache = fn, cache
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(self.cache, *args, **kwargs)
+
+
+_CACHE_WRAPPERS = {"update": _cache_update, "reorder_cache": _cache_reorder,
+                   "batch_select_indices": _cache_select, "batch_repeat_interleave": _cache_repeat}
+
+
+class _Layout:
+    """One forward pass of one batch, as every LaMPE layer of it sees it (host metadata, made once
+    per forward by the first layer that needs it).
+
+    Tensor index j of the keys is valid for row b iff the last query row's mask allows it. A row's
+    own positions number its valid keys 0, 1, ... (so padding, static-cache tails and pad ids
+    inside a prompt take no position); ``start[b]`` is the first query row that runs LaMPE
+    (``Tq``: none), ``plan[b]`` the prompt length its plan was made from. Without a mask (no
+    padding, a dynamic cache or none) every key is valid and everything is plain Python integers
+    derived from shapes, which torch.compile traces without reading any tensor."""
+
+    def __init__(self, B, Tq, Tk, q0, valid=None):
+        self.B, self.Tq, self.Tk, self.q0 = B, Tq, Tk, q0
+        self.valid = valid                                      # np.bool_ [B, Tk], or None: all valid
+        if valid is None:
+            n = min(q0 + Tq, Tk)
+            self.count, self.offset, self.holes = [n] * B, [0] * B, [False] * B
+            self.past = [max(q0, 0)] * B
+        else:
+            count = valid.sum(axis=1)
+            offset = np.where(count > 0, valid.argmax(axis=1), Tk)
+            last = Tk - 1 - valid[:, ::-1].argmax(axis=1)
+            self.count, self.offset = count.tolist(), offset.tolist()
+            self.holes = ((count > 0) & (last - offset + 1 != count)).tolist()
+            self.past = (valid[:, :q0].sum(axis=1) if q0 > 0 else np.zeros(B, dtype=np.int64)).tolist()
+        self.plan = [0] * B
+        self.start = [Tq] * B
+        self.kpos = None        # [B, Tk] key positions for the model's own attention
+        self.refs = ()
+        self._device = {}
+
+    def own_positions(self, b):
+        """Own position of each query row of row b (-1 for a row whose own key is not valid)."""
+        idx = self.q0 + np.arange(self.Tq)
+        inside = (idx >= 0) & (idx < self.Tk)
+        ranks = np.cumsum(self.valid[b]) - 1
+        pos = np.full(self.Tq, -1, dtype=np.int64)
+        ok = inside.copy()
+        ok[inside] = self.valid[b, idx[inside]]
+        pos[ok] = ranks[idx[ok]]
+        return pos
+
+    def first_row_at(self, b, position):
+        """The first query row of row b whose own position is >= position (Tq: none)."""
+        if self.valid is None:
+            return min(max(position - self.q0, 0), self.Tq)
+        later = np.flatnonzero(self.own_positions(b) >= position)
+        return int(later[0]) if later.size else self.Tq
+
+    def lampe_rows(self, b):
+        """(query rows of row b from start[b] on whose key is valid, the own position of the last):
+        rows as a slice when contiguous, else an index list."""
+        if self.valid is None:
+            lo = max(self.start[b], -self.q0)
+            return (slice(lo, self.Tq) if lo < self.Tq else None), self.q0 + self.Tq - 1
+        own = self.own_positions(b)
+        rows = np.flatnonzero((own >= 0) & (np.arange(self.Tq) >= self.start[b]))
+        if rows.size == 0:
+            return None, -1
+        last = int(own[rows[-1]])
+        if rows[-1] - rows[0] + 1 == rows.size:
+            return slice(int(rows[0]), int(rows[-1]) + 1), last
+        return rows.tolist(), last
+
+    def on(self, name, device, make):
+        key = (name, str(device))
+        if key not in self._device:
+            self._device[key] = make()
+        return self._device[key]
 
 
 # ---------------------------------------------------------------------------------------- handle
@@ -117,16 +264,38 @@ def is_patched(model) -> bool:
 class LampeHandle:
     """What :func:`patch` did to a model, and how to undo it (``remove()``)."""
 
-    def __init__(self, model, config: LampeConfig, backend: str, rotary, previous_impl: str):
+    def __init__(self, model, config: LampeConfig, backend: str, family, previous_impl: str):
         self._model = weakref.ref(model)
         self.config = config
         self.backend = backend
-        self.rotary = rotary
+        self.family = family
         self.previous_impl = previous_impl
+        self.compute_impl = COMPUTE_IMPL[previous_impl]
         self.active = False
+        self.layers = {}       # attention module -> compat.Rotary of the LaMPE (global) layers
+        self._specs = {}       # attention module -> _LayerSpec
+        self.local_layers = []  # sliding-window layers left to the model's own attention
         self._hooks = []
         self._restore = []
         self._modules = []
+        self._layout = None
+        self._prompt_index = None  # inside generate(): the input's length (its prompt)
+
+    # -- pickling / deepcopy: a patched model copies like an unpatched one, handle included
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_model"] = self._model()
+        state["_layout"] = None
+        state["_prompt_index"] = None
+        return state
+
+    def __setstate__(self, state):
+        model = state.pop("_model")
+        self.__dict__.update(state)
+        self._model = weakref.ref(model) if model is not None else (lambda: None)
+        if self.active:
+            _register()  # the names must exist in the process that unpickles the model
 
     # -- reporting
 
@@ -141,12 +310,27 @@ class LampeHandle:
             rule = f"sigmoid a={u.a:.4g} b={u.b:.4g} Lmax={u.lmax:.4g}"
         model = self._model()
         dev = {str(p.device) for p in model.parameters()} if model is not None else set()
-        backends = {d: ("C kernel" if d == "cpu" and self.backend in ("auto", "c") else "torch") for d in sorted(dev)}
+        backends = {d: self._backend_name(torch.device(d)) for d in sorted(dev)}
         state = "active" if self.active else "removed"
-        return (f"LampeHandle({state}: window={c.window}, sink={c.sink}, mapping_length={rule}, "
-                f"temperature={c.temperature:.6g}, active_from={c.active_from}, growth_from={c.growth_from}, "
-                f"decode={c.decode!r}, "
+        grow = _growth_threshold(c)
+        if not c.active_from:
+            start = "LaMPE on every row"
+        elif grow > c.active_from:
+            start = (f"LaMPE on prompts longer than {c.active_from} tokens and on rows grown past {grow} tokens, the "
+                     "model's own attention below")
+        else:
+            start = f"LaMPE once a row's total length exceeds {c.active_from} tokens, the model's own attention below"
+        layers = f"{len(self.layers)} LaMPE layers"
+        if self.local_layers:
+            layers += f", {len(self.local_layers)} sliding-window layers left as they are"
+        return (f"LampeHandle({state}: {self.family.name}; {start}; {layers}; mode={c.mode!r}, window={c.window}, "
+                f"sink={c.sink}, mapping_length={rule}, temperature={c.temperature:.6g}, decode={c.decode!r}, "
                 f"previous attention={self.previous_impl!r}, backend={backends})")
+
+    def _backend_name(self, device):
+        if self.backend == "torch":
+            return "torch"
+        return "lampe::attention op" if _op_available(device) else "torch (no lampe kernel for this device)"
 
     # -- scoped use
 
@@ -166,29 +350,37 @@ class LampeHandle:
             h.remove()
         self._hooks.clear()
         for m in self._modules:
-            for name in ("_lampe_handle", "_lampe_cache"):
+            for name in ("_lampe_handle", "_lampe_call"):
                 if name in m.__dict__:
                     delattr(m, name)
         for obj, name, value in reversed(self._restore):
-            setattr(obj, name, value)
+            if value is _ABSENT:
+                obj.__dict__.pop(name, None)
+            else:
+                setattr(obj, name, value)
+        self._restore.clear()
         if model is not None:
-            compat.set_attn_implementation(model, self.previous_impl)
+            compat.set_attn_implementation(model, self.previous_impl, restoring=True)
             if "_lampe_handle" in model.__dict__:
                 delattr(model, "_lampe_handle")
         self.active = False
+        self._layout = None
 
     # -- hooks
 
-    def _identity_rotary(self, module, args, output):
-        cos, sin = output
-        return torch.ones_like(cos), torch.zeros_like(sin)
-
     def _pre_attention(self, module, args, kwargs):
+        """Global layers: keep the model's cos/sin aside, hand the module the identity rotation."""
         cache = compat.cache_from_kwargs(kwargs)
         if cache is not None:
             self._adopt_cache(cache)
-        module._lampe_cache = cache
-        return None
+        pe = kwargs.get("position_embeddings")
+        if pe is None:
+            raise RuntimeError(f"{type(module).__name__} was called without position_embeddings")
+        cos, sin = pe
+        module._lampe_call = _Call(cache, kwargs.get("position_ids"), kwargs.get("cache_position"), cos, sin)
+        kwargs = dict(kwargs)
+        kwargs["position_embeddings"] = (torch.ones_like(cos), torch.zeros_like(sin))
+        return args, kwargs
 
     def _adopt_cache(self, cache):
         tag = cache.__dict__.get("_lampe_handle")
@@ -197,122 +389,301 @@ class LampeHandle:
         if tag is not None:
             raise RuntimeError("this cache was filled by a lampe patch that has since been removed (it holds "
                                "un-rotated keys); start a new cache")
-        if cache.get_seq_length() > 0:
+        if self.layers and int(cache.get_seq_length(min(m.layer_idx for m in self.layers))) > 0:
             raise RuntimeError("this cache was filled by the model before lampe.patch (it holds rotated keys); "
                                "lampe needs a cache with un-rotated keys: start a new cache")
-        handle = self
-        original_update = cache.update
-
-        def update(*args, **kwargs):
-            # The check lives on the cache, so remove() can restore the model untouched.
-            if not handle.active:
-                raise RuntimeError("this cache holds un-rotated keys written by a lampe-patched model; it cannot "
-                                   "be used after handle.remove(): start a new cache")
-            return original_update(*args, **kwargs)
-
-        cache.update = update
+        for name, fn in _CACHE_WRAPPERS.items():
+            if hasattr(cache, name):
+                setattr(cache, name, _CacheMethod(fn, cache))
         cache._lampe_handle = self
-        cache._lampe_plans = {}  # batch row -> prompt length its plan was made from
+        cache._lampe_state = _CacheState()
+
+    # -- the forward's layout and plans
+
+    def _forward_layout(self, module, call, mask, B, Tq, Tk, device) -> _Layout:
+        compiling = torch.compiler.is_compiling()
+        lay = self._layout
+        if (not compiling and lay is not None and lay.B == B and lay.Tq == Tq and lay.Tk == Tk
+                and all(r() is x for r, x in zip(lay.refs, (mask, call.position_ids, call.cache)))):
+            return lay
+        cache = call.cache
+        q0 = compat.query_offset(cache, module.layer_idx, Tq, Tk, call.cache_position)
+        if mask is None:
+            valid = None  # every key up to the last query is valid: shapes say it all
+        else:
+            if mask.dim() != 4:
+                raise NotImplementedError(f"lampe: expected a 4-D attention mask, got shape {tuple(mask.shape)}")
+            row = mask[:, 0, -1, :]
+            row = row if row.dtype == torch.bool else compat.float_mask_valid(row)
+            valid = row.expand(B, Tk).to("cpu").numpy().copy()  # the forward's one host read
+        lay = _Layout(B, Tq, Tk, q0, valid)
+        state = cache.__dict__.get("_lampe_state") if cache is not None else None
+        self._plan_rows(lay, state)
+        if not compiling and Tq > 1 and any(s < Tq for s in lay.start):
+            _check_one_sequence_per_row(lay, call.position_ids, mask)
+        lay.kpos = self._key_positions(lay, call, state, device)
+        if not compiling:  # traced code recomputes per layer (plain integers; the same answer)
+            lay.refs = tuple(_weak(x) for x in (mask, call.position_ids, cache))
+            self._layout = lay
+        return lay
+
+    def _plan_rows(self, lay: _Layout, state: Optional[_CacheState]):
+        """Which rows and query rows run LaMPE, and from which plan.
+
+        LaMPE: a row whose prompt (its first forward; inside generate() the input, without the
+        candidate tokens assisted and prompt-lookup decoding append to it) exceeds active_from is
+        planned from that prompt. A row that grows past its prompt (generation, later turns) is
+        planned the first time its total length exceeds growth_from (active_from when unset), from
+        growth_from + 1. That is exactly what token-by-token decoding does, so speculative
+        decoding, which verifies several tokens per forward, plans like greedy decoding. Plans
+        live on the cache; a crop (or reset) below a plan's length re-plans the row from what is
+        left. SelfExtend / ReRoPE: every forward plans each row from its total length."""
+        cfg = self.config
+        threshold = cfg.active_from or 0
+        grow = _growth_threshold(cfg)
+        total = lay.count
+        if cfg.mode in _BASELINES:
+            for b in range(lay.B):
+                if total[b] > threshold:
+                    lay.plan[b], lay.start[b] = total[b], 0
+            return
+        plans = [0] * lay.B
+        if state is not None and state.plans is not None and len(state.plans) == lay.B:
+            plans = list(state.plans)
+        hint = self._prompt_index
+        for b in range(lay.B):
+            P, past = plans[b], lay.past[b]
+            if P and P > past:  # this forward re-writes keys the plan was made from (crop, reset)
+                P = past if past > threshold else 0
+            if P:
+                lay.start[b] = 0
+            elif total[b] > threshold:
+                if past == 0:  # the row's first forward: its prompt, plus any candidate tokens
+                    base = total[b]
+                    if hint is not None:
+                        base = min(base, hint if lay.valid is None else int(lay.valid[b, :hint].sum()))
+                else:
+                    base = past
+                if past == 0 and base > threshold:  # a long prompt: LaMPE from its first row
+                    P = base
+                    lay.start[b] = 0
+                elif total[b] > grow:  # grown by generation past growth_from
+                    P = base if base > grow else grow + 1
+                    lay.start[b] = lay.first_row_at(b, P - 1)
+            plans[b] = P
+        lay.plan = plans
+        if state is not None:
+            state.plans = plans
+
+    def _key_positions(self, lay, call, state, device):
+        """Positions of the keys as the model rotated them (the cache records every forward's
+        position_ids), for the model's own attention."""
+        pos = call.position_ids
+        if pos is None:
+            pos = torch.arange(lay.q0, lay.q0 + lay.Tq, device=device)[None]
+        pos = pos.to(torch.long).reshape(-1, lay.Tq).expand(lay.B, lay.Tq)
+        past = None
+        if state is not None and state.kpos is not None and lay.q0 > 0:
+            rec = state.kpos
+            if rec.shape[0] == lay.B and rec.shape[1] >= lay.q0:
+                past = rec[:, :lay.q0].to(pos.device)
+        if past is None and lay.q0 > 0:  # unknown history: positions one apart
+            past = pos[:, :1] - torch.arange(lay.q0, 0, -1, device=pos.device)[None]
+        kpos = pos if past is None else torch.cat([past, pos], dim=1)
+        if state is not None:
+            state.kpos = kpos
+        if kpos.shape[1] < lay.Tk:  # a static cache's unwritten tail (never attended)
+            kpos = torch.cat([kpos, kpos.new_zeros(lay.B, lay.Tk - kpos.shape[1])], dim=1)
+        return kpos[:, :lay.Tk]
 
     # -- attention
 
     def attend(self, module, query, key, value, attention_mask, dropout, scaling, kwargs):
+        if attention_mask is not None and torch.compiler.is_compiling():
+            # A padding mask (or a static cache) is read on the host: this layer's attention runs
+            # outside the graph (one graph break per layer).
+            return self._attend_outside_graph(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+        return self._attend(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+
+    def _attend(self, module, query, key, value, attention_mask, dropout, scaling, kwargs):
+        call = module.__dict__.pop("_lampe_call", None)
+        rotary = self.layers.get(module)
+        if rotary is None:  # a sliding-window layer: the model's own attention, untouched
+            fn = compat.previous_attention(self.compute_impl, module)
+            return fn(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        if call is None:
+            raise RuntimeError(f"{type(module).__name__} {module.layer_idx}: lampe's pre-hook did not run")
         B, Hq, Tq, D = query.shape
         Tk = key.shape[2]
-        pos = kwargs.get("position_ids")
-        if pos is None:
-            pos = torch.arange(Tk - Tq, Tk, device=query.device)[None]
-        pos = pos.to(torch.long)
-        if pos.dim() == 1:
-            pos = pos[None]
-        pos = pos.expand(B, Tq)
-        valid = self._valid_keys(attention_mask, B, Tk, query.device)
-        n_valid = valid.sum(dim=-1)
-        last = pos[:, -1]
-        if not torch.equal(n_valid, last + 1):
+        lay = self._forward_layout(module, call, attention_mask, B, Tq, Tk, query.device)
+        lampe_rows = [b for b in range(B) if lay.start[b] < Tq]
+        if not lampe_rows:
+            return self._own(module, query, key, value, attention_mask, dropout, scaling, kwargs, call, lay)
+        if dropout:
+            raise NotImplementedError(f"lampe: attention dropout ({dropout}) is not supported on rows that run LaMPE; "
+                                      "set the model's attention_dropout to 0 or call model.eval()")
+        if (len(lampe_rows) == B and not any(lay.start) and not any(lay.holes)
+                and self._specs[module].config.mode not in _BASELINES):
+            # The common case: every row runs LaMPE from its first query row: one kernel call,
+            # each row's valid keys, own positions and plan passed per row.
+            return self._lampe_batch(module, rotary, query, key, value, scaling, lay), None
+        if len(lampe_rows) < B or any(lay.start[b] > 0 for b in lampe_rows):
+            # Rows (or first query rows) below active_from: the model's own attention for those.
+            out = self._own(module, query, key, value, attention_mask, dropout, scaling, kwargs, call, lay)[0].clone()
+        else:
+            out = query.new_zeros(B, Tq, Hq, D)
+        for b in lampe_rows:
+            self._lampe_row(module, rotary, query, key, value, scaling, lay, b, out)
+        return out, None
+
+    _attend_outside_graph = torch.compiler.disable(_attend)
+
+    def _own(self, module, query, key, value, mask, dropout, scaling, kwargs, call, lay):
+        """The model's own attention: rotate exactly as the model does, call its implementation."""
+        cos_q, sin_q = call.cos, call.sin
+        if lay.q0 == 0 and lay.Tk == lay.Tq:
+            q_rot, k_rot = compat.apply_rotary(module, query, cos_q, sin_q, key)
+        else:
+            kpos = lay.on("kpos", key.device, lambda: lay.kpos.to(key.device))
+            cos_k, sin_k = self.layers[module].cos_sin(value, kpos)
+            q_rot = compat.apply_rotary(module, query, cos_q, sin_q)
+            k_rot = compat.apply_rotary(module, key, cos_k, sin_k)
+        fn = compat.previous_attention(self.compute_impl, module)
+        return fn(module, q_rot, k_rot, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+
+    def _lampe_batch(self, module, rotary, query, key, value, scaling, lay):
+        """All rows in one call (kernel contract: per-row key_padding_mask, query_start, plan)."""
+        kpm = qs = None
+        plans = lay.plan
+        if lay.valid is not None:
+            kpm = lay.on("kpm", query.device, lambda: torch.from_numpy(lay.valid).to(query.device))
+            qs = torch.tensor([lay.q0 - o for o in lay.offset], dtype=torch.int64)
+            plans = [p + o for p, o in zip(lay.plan, lay.offset)]  # the kernel counts prompts in key indices
+        elif lay.q0 + lay.Tq != lay.Tk:  # no mask, but keys past the queries (a static cache's prefill)
+            kpm = (torch.arange(lay.Tk, device=query.device) < lay.q0 + lay.Tq).expand(lay.B, lay.Tk)
+            qs = torch.full((lay.B,), lay.q0, dtype=torch.int64)
+        res = self._kernel(module, rotary, query, key, value, plans, scaling, key_padding_mask=kpm,
+                           query_start=qs)
+        return res.transpose(1, 2)
+
+    def _lampe_row(self, module, rotary, query, key, value, scaling, lay, b, out):
+        """Row b's LaMPE query rows from lay.start[b] on, into out [B, Tq, Hq, D]: its valid keys
+        (gathered when the padding mask has holes), its query rows with their own positions."""
+        rows, last = lay.lampe_rows(b)
+        if rows is None:
+            return
+        if lay.holes[b]:
+            idx = torch.as_tensor(np.flatnonzero(lay.valid[b])[:last + 1], device=key.device)
+            k, v = key[b:b + 1].index_select(2, idx), value[b:b + 1].index_select(2, idx)
+        else:
+            lo = lay.offset[b]
+            k, v = key[b:b + 1, :, lo:lo + last + 1], value[b:b + 1, :, lo:lo + last + 1]
+        if isinstance(rows, slice):
+            q = query[b:b + 1, :, rows]
+        else:
+            rows = torch.as_tensor(rows, device=query.device)
+            q = query[b:b + 1].index_select(2, rows)
+        res = self._kernel(module, rotary, q, k, v, [lay.plan[b]], scaling)  # [1, Hq, n, D]
+        out[b, rows] = res[0].transpose(0, 1).to(out.dtype)
+
+    def _kernel(self, module, rotary, q, k, v, plans, scaling, key_padding_mask=None, query_start=None):
+        """LaMPE attention of rows with the given plans (prompt lengths, one per row)."""
+        spec = self._specs[module]
+        inv_freq = rotary.inv_freq().detach().float()
+        pl = None if spec.config.mode in _BASELINES else torch.tensor(plans, dtype=torch.int64)
+        if self.backend != "torch" and _op_available(q.device):
+            mode, window, sink, u, sigmoid, temperature = spec.numbers
+            return torch.ops.lampe.attention(
+                q, k, v, inv_freq.to(q.device), pl, key_padding_mask, query_start, mode, window, sink, u, sigmoid,
+                temperature, spec.softcap, spec.rotary_dim, spec.layout == "interleaved", float(scaling), 0)[0]
+        return torch_backend.attention(q, k, v, config=spec.config, inv_freq=inv_freq, prompt_length=pl,
+                                       key_padding_mask=key_padding_mask, query_start=query_start,
+                                       rotary_dim=spec.rotary_dim, layout=spec.layout, scale=scaling,
+                                       softcap=spec.softcap or None)
+
+
+class _LayerSpec(NamedTuple):
+    """What a LaMPE layer's kernel call needs, fixed at patch time (so traced code computes none
+    of it): the config with the rope type's attention_scaling folded into the temperature, the
+    op's numbers for it, rotary dims, pairing and soft-capping."""
+    config: LampeConfig
+    numbers: tuple
+    rotary_dim: int
+    layout: str
+    softcap: float
+
+
+def _growth_threshold(config) -> int:
+    """Total length beyond which a row that grew from a shorter prompt switches to LaMPE."""
+    return max(config.active_from or 0, config.growth_from if config.growth_from is not None else 0)
+
+
+def _layer_spec(config, rotary, module, layout) -> _LayerSpec:
+    mscale = rotary.attention_scaling
+    cfg = config if mscale == 1.0 else config.replace(temperature=config.temperature * mscale)
+    softcap = float(getattr(module, "attn_logit_softcapping", None) or 0.0)
+    return _LayerSpec(cfg, op_numbers(cfg), 2 * int(rotary.inv_freq().shape[-1]), layout, softcap)
+
+
+class _Absent:
+    """Marks an attribute that did not exist before patch() (one object, also after a copy)."""
+
+    def __reduce__(self):
+        return "_ABSENT"
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+_ABSENT = _Absent()
+
+
+def _weak(x):
+    if x is None:
+        return lambda: None
+    try:
+        return weakref.ref(x)
+    except TypeError:  # pragma: no cover - objects without weakref support
+        return lambda: x
+
+
+def _check_one_sequence_per_row(lay, position_ids, mask):
+    """LaMPE numbers a row's valid tokens as one sequence. Packed sequences (several documents in
+    a row: position_ids restarting, or a block-diagonal mask in which queries before the last
+    document see keys of their own) are not that: refuse them rather than attend wrongly."""
+    before = None
+    if mask is not None:
+        seen = mask[:, 0]
+        seen = (seen if seen.dtype == torch.bool else compat.float_mask_valid(seen)).any(dim=-1)
+        before = seen.expand(lay.B, lay.Tq).to("cpu").numpy()
+    pos = None
+    if position_ids is not None:
+        pos = position_ids.detach().reshape(-1, lay.Tq).expand(lay.B, lay.Tq).to("cpu").numpy()
+    for b in range(lay.B):
+        if lay.start[b] >= lay.Tq:
+            continue
+        idx = lay.q0 + np.arange(lay.Tq)
+        if before is not None and np.any(before[b] & (idx < lay.offset[b])):
+            bad = True  # queries before the row's first valid key attend keys of their own
+        elif pos is not None:
+            rows = np.arange(lay.Tq) if lay.valid is None else np.flatnonzero(lay.own_positions(b) >= 0)
+            bad = rows.size > 1 and bool(np.any(np.diff(pos[b, rows]) != 1))
+        else:
+            bad = False
+        if bad:
             raise NotImplementedError(
-                "lampe: the number of valid keys does not match the query positions (a static or sliding cache, "
-                "packed sequences or custom position_ids); lampe supports dynamic caches with left padding")
-        suffix = torch.arange(Tk, device=query.device)[None] >= (Tk - n_valid)[:, None]
-        if not torch.equal(valid, suffix):
-            raise NotImplementedError("lampe: only left padding is supported (valid keys must be a suffix)")
-        totals = (last + 1).tolist()
-        cache = module.__dict__.get("_lampe_cache")
-        plans = cache._lampe_plans if cache is not None else {}
-        threshold = self.config.active_from if self.config.active_from is not None else 0
-        # A row whose prompt ran on the model's own attention (it has no plan and this pass does
-        # not start at position 0) waits for growth_from before switching.
-        growth = max(threshold, self.config.growth_from if self.config.growth_from is not None else 0)
-        prompt = []
-        if self.config.mode != "reference":  # baseline policies: every row plans its total length
-            threshold, growth, plans = 0, 0, {}
-        first_pass = (pos.min(dim=1).values == 0).tolist()
-        for b in range(B):
-            if b in plans and self.config.mode == "reference":
-                prompt.append(plans[b])
-            elif totals[b] > (threshold if first_pass[b] else growth):
-                prompt.append(totals[b])
-                if cache is not None:
-                    plans[b] = totals[b]
-            else:
-                prompt.append(None)
-        active = [p is not None for p in prompt]
-        if not any(active):
-            return self._previous(module, query, key, value, attention_mask, dropout, scaling, kwargs, pos, last)
-        if all(active):
-            out = self._lampe(query, key, value, valid, n_valid, prompt, scaling, Tk)
-        else:  # rows on both sides of active_from: each row on its own path
-            outs = []
-            for b in range(B):
-                sl = slice(b, b + 1)
-                m = attention_mask[sl] if attention_mask is not None and attention_mask.shape[0] == B else attention_mask
-                kw = dict(kwargs, position_ids=pos[sl])
-                if active[b]:
-                    outs.append(self._lampe(query[sl], key[sl], value[sl], valid[sl], n_valid[sl], prompt[sl],
-                                            scaling, Tk))
-                else:
-                    outs.append(self._previous(module, query[sl], key[sl], value[sl], m, dropout, scaling, kw,
-                                               pos[sl], last[sl])[0].transpose(1, 2))
-            out = torch.cat(outs, dim=0)
-        return out.transpose(1, 2).contiguous(), None
+                "lampe: a row holding several sequences (packed sequences: position_ids restarting, a "
+                "block-diagonal mask) reaches beyond active_from; LaMPE numbers a row's valid tokens as one "
+                "sequence: pass one sequence per row (with an attention_mask for padding)")
 
-    @staticmethod
-    def _valid_keys(mask, B, Tk, device):
-        if mask is None:
-            return torch.ones(B, Tk, dtype=torch.bool, device=device)
-        if mask.dim() != 4:
-            raise NotImplementedError(f"lampe: expected a 4-D attention mask, got shape {tuple(mask.shape)}")
-        row = mask[:, 0, -1, :]
-        row = row if row.dtype == torch.bool else compat.float_mask_valid(row)
-        return row.expand(B, Tk)
 
-    def _previous(self, module, query, key, value, attention_mask, dropout, scaling, kwargs, pos, last):
-        """Below active_from: rotate exactly as the model would and call its previous backend."""
-        Tk = key.shape[2]
-        kpos = last[:, None] - (Tk - 1 - torch.arange(Tk, device=key.device))[None]
-        apply = compat.family_function(module, "apply_rotary_pos_emb")
-        cos_q, sin_q = compat.rotary_cos_sin(self.rotary, value, pos)
-        cos_k, sin_k = compat.rotary_cos_sin(self.rotary, value, kpos)
-        q_rot = apply(query, query, cos_q, sin_q)[0]
-        k_rot = apply(key, key, cos_k, sin_k)[1]
-        fn = compat.previous_attention(self.previous_impl, module)
-        return fn(module, q_rot, k_rot, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-
-    def _lampe(self, query, key, value, valid, n_valid, prompt, scaling, Tk):
-        inv_freq = self.rotary.inv_freq.detach().float().cpu().numpy()
-        mscale = float(getattr(self.rotary, "attention_scaling", 1.0) or 1.0)
-        cfg = self.config
-        if mscale != 1.0:
-            cfg = cfg.replace(temperature=cfg.temperature * mscale)
-        off = (Tk - n_valid).cpu()
-        prompt_length = torch.tensor(prompt, dtype=torch.long) + off
-        kpm = valid.cpu() if bool((off > 0).any()) else None
-        use_c = query.device.type == "cpu" and self.backend in ("auto", "c")
-        if use_c:
-            return kernel_attention(query, key, value, config=cfg, inv_freq=inv_freq, prompt_length=prompt_length,
-                                    key_padding_mask=kpm, scale=scaling)
-        return torch_backend.attention(query, key, value, config=cfg, inv_freq=inv_freq, prompt_length=prompt_length,
-                                       key_padding_mask=kpm, scale=scaling)
+def _op_available(device) -> bool:
+    """Whether lampe::attention has a kernel for this device (CPU here; CUDA when lampe.cuda
+    registers one)."""
+    if device.type == "cpu":
+        return True
+    key = {"cuda": "CUDA", "mps": "MPS", "xpu": "XPU"}.get(device.type)
+    return bool(key) and torch._C._dispatch_has_kernel_for_dispatch_key("lampe::attention", key)
 
 
 def _lampe_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -324,19 +695,75 @@ def _lampe_attention_forward(module, query, key, value, attention_mask, dropout=
     return handle.attend(module, query, key, value, attention_mask, dropout, scaling, kwargs)
 
 
+def _lampe_sdpa_mask(*args, **kwargs):
+    return compat.sdpa_mask(*args, **kwargs)
+
+
+def _lampe_eager_mask(*args, **kwargs):
+    return compat.eager_mask(*args, **kwargs)
+
+
 def _register():
     # Registering twice is harmless: both names always map to the same functions.
     compat.AttentionInterface.register(ATTN_NAME["sdpa"], _lampe_attention_forward)
     compat.AttentionInterface.register(ATTN_NAME["eager"], _lampe_attention_forward)
+    compat.AttentionMaskInterface.register(ATTN_NAME["sdpa"], _lampe_sdpa_mask)
+    compat.AttentionMaskInterface.register(ATTN_NAME["eager"], _lampe_eager_mask)
 
-    def lampe_sdpa_mask(*args, **kwargs):
-        return compat.sdpa_mask(*args, **kwargs)
 
-    def lampe_eager_mask(*args, **kwargs):
-        return compat.eager_mask(*args, **kwargs)
+class _Generate:
+    """model.generate while patched: tells the handle how long the prompt is, so a first forward
+    that also carries candidate tokens (assisted / prompt-lookup decoding) plans from the prompt.
+    (A class rather than a bound method so a patched model pickles.)"""
 
-    compat.AttentionMaskInterface.register(ATTN_NAME["sdpa"], lampe_sdpa_mask)
-    compat.AttentionMaskInterface.register(ATTN_NAME["eager"], lampe_eager_mask)
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        model = self.model
+        handle = model.__dict__.get("_lampe_handle")
+        inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+        if handle is None or not torch.is_tensor(inputs) or inputs.dim() != 2:
+            return type(model).generate(model, *args, **kwargs)
+        handle._prompt_index = int(inputs.shape[1])
+        try:
+            return type(model).generate(model, *args, **kwargs)
+        finally:
+            handle._prompt_index = None
+
+
+# ---------------------------------------------------------------------------------------- config saving
+
+
+class _TrueToDict:
+    """config.to_dict while patched, with the values lampe changed put back (so save_pretrained
+    and push_to_hub write the model's true config and no lampe state)."""
+
+    def __init__(self, config, saved: dict):
+        self.config, self.saved = config, saved
+
+    def __call__(self):
+        config = self.config
+        fn = config.__dict__.pop("to_dict", None)
+        try:
+            out = type(config).to_dict(config)
+        finally:
+            config.__dict__["to_dict"] = fn
+        for name, value in self.saved.items():
+            if name in out:
+                out[name] = value
+        return out
+
+
+def _protect_config(handle, config, names):
+    """Make to_dict report the pre-patch values of ``names``."""
+    if "to_dict" in config.__dict__:
+        return
+    handle._restore.append((config, "to_dict", _ABSENT))
+    config.to_dict = _TrueToDict(config, {n: getattr(config, n) for n in names if hasattr(config, n)})
+
+
+# ---------------------------------------------------------------------------------------- patch
 
 
 def patch(model, config: Optional[LampeConfig] = None, *, backend: str = "auto", disable_sliding_window: bool = False,
@@ -344,58 +771,81 @@ def patch(model, config: Optional[LampeConfig] = None, *, backend: str = "auto",
     """Make every long input of ``model`` use LaMPE. Returns a handle; ``handle.remove()`` undoes it.
 
     Defaults come from the model (pretrained window W, mapping-length preset, active_from = 1.25 W,
-    growth_from = 1.5 W: see docs/results.md, "Do no harm");
+    growth_from = 1.5 W: see docs/patching.md, "When LaMPE switches on");
     ``config`` replaces them (``config="paper"``: the authors' settings for this model, see
     LampeConfig.paper) and ``overrides`` (any LampeConfig field) adjust them. ``backend``:
-    "auto" (C kernel on CPU tensors, pure torch elsewhere), "c" or "torch"."""
+    "auto" (the lampe::attention op: the C kernel on CPU, lampe.cuda's kernel on CUDA, else
+    pure torch) or "torch" (pure torch everywhere); "c" is accepted as "auto"."""
     if backend not in ("auto", "c", "torch"):
         raise ValueError(f"backend must be 'auto', 'c' or 'torch', got {backend!r}")
     if not hasattr(model, "config"):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
     if is_patched(model):
         raise RuntimeError("model is already patched by lampe; call handle.remove() first")
-    rotary = _check_family(model)
+    family, modules = _check_family(model)
+    config = resolve_config(model.config, config, **overrides)
+    previous = compat.get_attn_implementation(model) or "eager"
+    if previous not in COMPUTE_IMPL:
+        raise NotImplementedError(f"lampe.patch: the model uses {previous!r} attention; patch a model loaded with "
+                                  f"attn_implementation={', '.join(repr(k) for k in COMPUTE_IMPL)}")
+    native_local = family.local_layers
+    sliding = compat.uses_sliding_window(model.config) and not native_local
+    if sliding and not disable_sliding_window:
+        raise ValueError(f"this {model.config.model_type} model uses sliding-window attention, which drops the far "
+                         "keys LaMPE is meant to reach; pass disable_sliding_window=True to turn it off while patched")
+    _register()
+    handle = LampeHandle(model, config, backend, family, previous)
+    handle.active = True
+    try:
+        if disable_sliding_window and not native_local:
+            _protect_config(handle, model.config, compat.sliding_window_settings(model.config))
+            handle._restore.extend(compat.disable_sliding_window(model, modules))
+        for m in modules:
+            m._lampe_handle = handle
+            handle._modules.append(m)
+            ltype = compat.layer_type(model, m)
+            if ltype == "sliding_attention" and native_local:
+                handle.local_layers.append(m)
+                continue
+            if ltype != "full_attention" and not (ltype == "sliding_attention" and disable_sliding_window):
+                raise NotImplementedError(f"lampe.patch: layer {m.layer_idx} has layer type {ltype!r}")
+            rot = compat.layer_rotary(model, m, "full_attention")
+            if rot is None:
+                raise NotImplementedError(f"lampe.patch: found no rotary embedding for layer {m.layer_idx}")
+            handle.layers[m] = rot
+            handle._specs[m] = _layer_spec(config, rot, m, family.layout)
+            handle._hooks.append(m.register_forward_pre_hook(handle._pre_attention, with_kwargs=True))
+        model._lampe_handle = handle
+        handle._restore.append((model, "_lampe_handle", _ABSENT))
+        if hasattr(model, "generate") and "generate" not in model.__dict__:
+            model.generate = _Generate(model)
+            handle._restore.append((model, "generate", _ABSENT))
+        compat.set_attn_implementation(model, ATTN_NAME[handle.compute_impl])
+    except Exception:
+        handle.remove()
+        raise
+    return handle
+
+
+def resolve_config(model_config, config=None, **overrides) -> LampeConfig:
+    """The LampeConfig patch() uses for a model with this config (see patch)."""
     if config is None:
-        config = default_config(model.config, **overrides)
+        config = default_config(model_config, **overrides)
     elif isinstance(config, str):
         if config != "paper":
             raise ValueError(f"config must be a LampeConfig, None or 'paper', got {config!r}")
-        config = LampeConfig.paper(pretrained_window(model.config), mapping_length=mapping_preset(model.config),
+        config = LampeConfig.paper(pretrained_window(model_config), mapping_length=mapping_preset(model_config),
                                    **overrides)
     else:
         if not isinstance(config, LampeConfig):
             raise TypeError(f"config must be a LampeConfig, got {type(config).__name__}")
         if overrides:
             config = config.replace(**overrides)
-        if config.pretrained_window is None or config.active_from is None:
-            W = pretrained_window(model.config)
-            config = config.replace(pretrained_window=config.pretrained_window or W)
+        if config.pretrained_window is None:
+            config = config.replace(pretrained_window=pretrained_window(model_config))
     if config.decode != "shifted":
         raise NotImplementedError("lampe.patch supports decode='shifted' only")
-    previous = compat.get_attn_implementation(model) or "eager"
-    if previous not in ATTN_NAME:
-        raise NotImplementedError(f"lampe.patch: the model uses {previous!r} attention; patch a model loaded with "
-                                  "attn_implementation='sdpa' or 'eager'")
-    if compat.uses_sliding_window(model.config) and not disable_sliding_window:
-        raise ValueError(f"this {model.config.model_type} model uses sliding-window attention, which drops the far "
-                         "keys LaMPE is meant to reach; pass disable_sliding_window=True to turn it off while patched")
-    _register()
-    handle = LampeHandle(model, config, backend, rotary, previous)
-    handle.active = True
-    try:
-        if disable_sliding_window:
-            handle._restore.extend(compat.disable_sliding_window(model))
-        handle._hooks.append(rotary.register_forward_hook(handle._identity_rotary))
-        for m in compat.attention_modules(model):
-            m._lampe_handle = handle
-            handle._modules.append(m)
-            handle._hooks.append(m.register_forward_pre_hook(handle._pre_attention, with_kwargs=True))
-        model._lampe_handle = handle
-        compat.set_attn_implementation(model, ATTN_NAME[previous])
-    except Exception:
-        handle.remove()
-        raise
-    return handle
+    return config
 
 
 class patched:

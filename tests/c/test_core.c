@@ -53,9 +53,9 @@ static void test_plan_config_a(void)
     CHECK(r[1].key_lo == 8 && r[1].key_hi == 20 && r[1].qpos == 11 && r[1].shift == 5, "24 map");
     CHECK(r[2].key_hi == 7 && r[2].qpos == 17, "24 sink");
     /* the authors' decode refuses step 5 > H */
-    p.decode = LAMPE_DECODE_REFERENCE;
-    CHECK(lampe_plan_regions(&p, 24, r, &n) == LAMPE_ERR_DECODE_RANGE, "reference decode beyond H");
-    CHECK(lampe_plan_regions(&p, 23, r, &n) == LAMPE_OK && r[1].shift == 0, "reference decode step 4");
+    p.decode = LAMPE_DECODE_AUTHORS;
+    CHECK(lampe_plan_regions(&p, 24, r, &n) == LAMPE_ERR_DECODE_RANGE, "authors decode beyond H");
+    CHECK(lampe_plan_regions(&p, 23, r, &n) == LAMPE_OK && r[1].shift == 0, "authors decode step 4");
 }
 
 static void test_plan_errors(void)
@@ -169,7 +169,7 @@ static void test_rope_all_isas(void)
 
 /* Naive double attention of one query row over explicit (key, qpos, kpos) visits. */
 static void naive_row(const float *q, const float *k, const float *v, int D, const int64_t *keys, const int64_t *qp,
-                      const int64_t *kp, int n, const float *inv, double amp, double scale, double *out)
+                      const int64_t *kp, int n, const float *inv, double amp, double scale, double softcap, double *out)
 {
     double *s = malloc(sizeof(double) * n), mx = -INFINITY, tot = 0;
     for (int e = 0; e < n; e++) {
@@ -183,6 +183,7 @@ static void naive_row(const float *q, const float *k, const float *v, int D, con
             dot += q1 * k1 + q2 * k2;
         }
         s[e] = dot * scale;
+        if (softcap > 0) s[e] = softcap * tanh(s[e] / softcap);
         mx = fmax(mx, s[e]);
     }
     for (int d = 0; d < D; d++) out[d] = 0;
@@ -211,7 +212,7 @@ static void test_attention_vs_naive(void)
         if (!(mask & (1u << isa))) continue;
         lampe_set_isa((lampe_isa)isa);
         for (int use_plan = 0; use_plan < 2; use_plan++) {
-            lampe_attn_seq seq = {0, use_plan ? &plan : NULL};
+            lampe_attn_seq seq = {0, L, 0, use_plan ? &plan : NULL};
             lampe_attn_params p;
             memset(&p, 0, sizeof p);
             p.q = q; p.k = k; p.v = v; p.out = o; p.lse = lse; p.dtype = LAMPE_F32;
@@ -239,11 +240,120 @@ static void test_attention_vs_naive(void)
                     }
                 for (int h = 0; h < HQ; h++) {
                     naive_row(q + (h * L + t) * D, k + (h / G) * L * D, v + (h / G) * L * D, D, keys, qp, kp, n, inv,
-                              use_plan ? 1.0693147 : 1.0, 1.0 / sqrt((double)D), ref);
+                              use_plan ? 1.0693147 : 1.0, 1.0 / sqrt((double)D), 0.0, ref);
                     for (int d = 0; d < D; d++) worst = fmax(worst, fabs(o[(h * L + t) * D + d] - ref[d]));
                 }
             }
             CHECK(worst < 5e-6, "isa %s plan %d: max error %g", lampe_isa_name((lampe_isa)isa), use_plan, worst);
+        }
+    }
+    lampe_set_isa((lampe_isa)(31 - __builtin_clz(mask)));
+}
+
+/* The contract's per-row layout: left pads, trailing slots never attended, queries placed by
+ * query_start (prompt rows and rows after the prompt), logit soft-capping; every ISA. */
+static void test_attention_contract_layout(void)
+{
+    enum { LK = 150, LQ = 50, D = 32, HQ = 4, HKV = 2, G = HQ / HKV, OFF = 5, CNT = 120, QS = 80, PROMPT = 90 };
+    /* rows at positions 80..129: prompt rows, rows after the prompt, rows past the last valid key */
+    static float q[HQ * LQ * D], k[HKV * LK * D], v[HKV * LK * D], o[HQ * LQ * D], lse[HQ * LQ];
+    float inv[D / 2];
+    for (int i = 0; i < HQ * LQ * D; i++) q[i] = (float)urand() * 2.0f;
+    for (int i = 0; i < HKV * LK * D; i++) k[i] = (float)urand() * 2.0f, v[i] = (float)urand();
+    for (int h = 0; h < HKV; h++) /* never-attended slots hold values that would dominate any softmax */
+        for (int j = 0; j < LK; j++)
+            if (j < OFF || j >= OFF + CNT)
+                for (int d = 0; d < D; d++) k[(h * LK + j) * D + d] = v[(h * LK + j) * D + d] = 1e4f;
+    for (int i = 0; i < D / 2; i++) inv[i] = (float)pow(10000.0, -2.0 * i / D);
+    int64_t m[PROMPT];
+    lampe_plan plan;
+    CHECK(lampe_plan_make(&plan, PROMPT, 12, 4, 30, 0, 0, m) == LAMPE_OK, "plan");
+    const uint32_t mask = lampe_isa_available_mask();
+    for (int isa = 0; isa < LAMPE_ISA_COUNT; isa++) {
+        if (!(mask & (1u << isa))) continue;
+        lampe_set_isa((lampe_isa)isa);
+        for (int variant = 0; variant < 3; variant++) { /* LaMPE, LaMPE + softcap, plain + softcap */
+            const int use_plan = variant < 2;
+            const double cap = variant ? 1.5 : 0.0;
+            lampe_attn_seq seq = {OFF, CNT, QS, use_plan ? &plan : NULL};
+            lampe_attn_params p;
+            memset(&p, 0, sizeof p);
+            p.q = q; p.k = k; p.v = v; p.out = o; p.lse = lse; p.dtype = LAMPE_F32;
+            p.batch = 1; p.q_heads = HQ; p.kv_heads = HKV; p.q_len = LQ; p.kv_len = LK; p.head_dim = D;
+            int64_t qs[3] = {HQ * LQ * D, LQ * D, D}, ks[3] = {HKV * LK * D, LK * D, D}, ls[3] = {HQ * LQ, LQ, 1};
+            memcpy(p.q_stride, qs, sizeof qs); memcpy(p.out_stride, qs, sizeof qs);
+            memcpy(p.k_stride, ks, sizeof ks); memcpy(p.v_stride, ks, sizeof ks); memcpy(p.lse_stride, ls, sizeof ls);
+            p.seqs = &seq; p.inv_freq = inv; p.rotary_dim = D; p.layout = 0;
+            p.amplitude = 1.0693147f; p.scale = 1.0f / sqrtf((float)D); p.softcap = (float)cap; p.num_threads = 2;
+            CHECK(lampe_attention(&p) == LAMPE_OK, "attention");
+            double worst = 0;
+            int64_t keys[3 * LK], qp[3 * LK], kp[3 * LK];
+            double ref[D];
+            for (int t = 0; t < LQ; t += 3) {
+                const int64_t pos = QS + t;
+                int n = 0, nr = 1;
+                lampe_region r[3];
+                if (use_plan) lampe_plan_regions(&plan, pos, r, &nr);
+                else r[0] = (lampe_region){LAMPE_REGION_FULL, 0, 0, pos, pos, 0};
+                for (int g = 0; g < nr; g++)
+                    for (int64_t j = r[g].key_lo; j <= r[g].key_hi && j < CNT; j++) {
+                        keys[n] = j + OFF; qp[n] = r[g].qpos;
+                        kp[n] = r[g].mapped ? m[j - r[g].shift] : j;
+                        n++;
+                    }
+                for (int h = 0; h < HQ; h++) {
+                    naive_row(q + (h * LQ + t) * D, k + (h / G) * LK * D, v + (h / G) * LK * D, D, keys, qp, kp, n,
+                              inv, use_plan ? 1.0693147 : 1.0, 1.0 / sqrt((double)D), cap, ref);
+                    for (int d = 0; d < D; d++) worst = fmax(worst, fabs(o[(h * LQ + t) * D + d] - ref[d]));
+                }
+            }
+            CHECK(worst < 5e-6, "isa %s variant %d: max error %g", lampe_isa_name((lampe_isa)isa), variant, worst);
+        }
+    }
+    lampe_set_isa((lampe_isa)(31 - __builtin_clz(mask)));
+}
+
+/* NaN policy and overflow on every ISA: a NaN key poisons exactly the rows that attend it (prompt
+ * rows through packed or panel keys, a decode row through directly read keys); a huge scale is
+ * reported as LAMPE_ERR_OVERFLOW. */
+static void test_attention_nonfinite(void)
+{
+    enum { L = 300, D = 16, BAD = 150 };
+    static float q[L * D], k[L * D], v[L * D], o[L * D], lse[L];
+    float inv[D / 2];
+    for (int i = 0; i < L * D; i++) q[i] = (float)urand(), k[i] = (float)urand(), v[i] = (float)urand();
+    for (int i = 0; i < D / 2; i++) inv[i] = (float)pow(10000.0, -2.0 * i / D);
+    k[BAD * D + 3] = NAN;
+    int64_t m[L];
+    lampe_plan plan;
+    CHECK(lampe_plan_make(&plan, 290, 16, 4, 40, 0, 0, m) == LAMPE_OK, "plan");
+    const uint32_t mask = lampe_isa_available_mask();
+    for (int isa = 0; isa < LAMPE_ISA_COUNT; isa++) {
+        if (!(mask & (1u << isa))) continue;
+        lampe_set_isa((lampe_isa)isa);
+        for (int lq = 1; lq <= L; lq += L - 1) { /* one decode row; every row (panels) */
+            lampe_attn_seq seq = {0, L, L - lq, &plan};
+            lampe_attn_params p;
+            memset(&p, 0, sizeof p);
+            p.q = q + (L - lq) * D; p.k = k; p.v = v; p.out = o; p.lse = lse; p.dtype = LAMPE_F32;
+            p.batch = 1; p.q_heads = 1; p.kv_heads = 1; p.q_len = lq; p.kv_len = L; p.head_dim = D;
+            int64_t qs[3] = {L * D, L * D, D}, ls[3] = {L, L, 1};
+            memcpy(p.q_stride, qs, sizeof qs); memcpy(p.out_stride, qs, sizeof qs);
+            memcpy(p.k_stride, qs, sizeof qs); memcpy(p.v_stride, qs, sizeof qs); memcpy(p.lse_stride, ls, sizeof ls);
+            p.seqs = &seq; p.inv_freq = inv; p.rotary_dim = D; p.amplitude = 1.0f; p.scale = 0.25f; p.num_threads = 2;
+            CHECK(lampe_attention(&p) == LAMPE_OK, "attention");
+            for (int t = 0; t < lq; t++) {
+                const int pos = L - lq + t, attends = pos >= BAD; /* LaMPE rows cover every key <= pos */
+                int nan_all = 1, finite_all = 1;
+                for (int d = 0; d < D; d++) nan_all &= isnan(o[t * D + d]), finite_all &= isfinite(o[t * D + d]);
+                CHECK(attends ? nan_all && isnan(lse[t]) : finite_all && isfinite(lse[t]), "isa %s row %d",
+                      lampe_isa_name((lampe_isa)isa), pos);
+            }
+            k[BAD * D + 3] = 0.5f;
+            p.scale = 3e38f;
+            CHECK(lampe_attention(&p) == LAMPE_ERR_OVERFLOW, "isa %s: overflow with %d rows",
+                  lampe_isa_name((lampe_isa)isa), lq);
+            k[BAD * D + 3] = NAN;
         }
     }
     lampe_set_isa((lampe_isa)(31 - __builtin_clz(mask)));
@@ -296,6 +406,8 @@ int main(void)
     test_threadpool();
     test_rope_all_isas();
     test_attention_vs_naive();
+    test_attention_contract_layout();
+    test_attention_nonfinite();
     if (failures) {
         fprintf(stderr, "%d C check(s) failed\n", failures);
         return 1;

@@ -1,0 +1,383 @@
+/*
+ * attn_decode.cu - the split-KV row kernel (flash-decoding) and its log-sum-exp merge.
+ *
+ * It owns rows after the prompt of an active LaMPE plan (each has its own map shift m(j - D))
+ * and, for calls with few query rows, every row (lcu_row_is_decode). One CTA = one query row x
+ * up to GMAX query heads of one KV head (K and V are read once for the whole group, never
+ * repeated per query head) x one contiguous share ("split") of the row's key range [0, kend].
+ * Each of the 4 warps walks tiles of 32 keys: for every key it rotates the key in registers by
+ * the position of each region that contains it (so a key visited twice - prompt rows at d = H
+ * and d = L - R - counts twice, as in the reference), dots it with the G rotated queries, then
+ * one online-softmax step per tile and P.V accumulation in float32. cos/sin are recomputed only
+ * when the key position changes (mapped keys come in runs of about L / U equal positions).
+ * Warps merge in shared memory; splits merge in lcu_merge_kernel.
+ *
+ * Lane ownership: lane l holds dims [l * DPL, (l + 1) * DPL), DPL = D / 32; the rotate-half
+ * partner of a dim lives (rotary_dim / 2) / DPL lanes away and arrives by one shuffle per word.
+ */
+#include "internal.cuh"
+
+#define DEC_WARPS 4
+
+template <int D> struct lcu_dec_shape {
+    static constexpr int DPL = D / 32;
+    static constexpr int GMAX = D == 256 ? 4 : 16; /* query heads per CTA (registers: GMAX x DPL) */
+};
+
+template <typename T, int DPL> __device__ __forceinline__ void lcu_load_words(const T *src, uint32_t w[DPL / 2])
+{
+    if constexpr (DPL == 2) {
+        w[0] = *reinterpret_cast<const uint32_t *>(src);
+    } else if constexpr (DPL == 4) {
+        const uint2 u = *reinterpret_cast<const uint2 *>(src);
+        w[0] = u.x;
+        w[1] = u.y;
+    } else {
+        const uint4 u = *reinterpret_cast<const uint4 *>(src);
+        w[0] = u.x;
+        w[1] = u.y;
+        w[2] = u.z;
+        w[3] = u.w;
+    }
+}
+
+template <typename T> __device__ __forceinline__ void lcu_unpack(uint32_t w, float *lo, float *hi)
+{
+    const T *e = reinterpret_cast<const T *>(&w);
+    *lo = lcu_elem<T>::to_float(e[0]);
+    *hi = lcu_elem<T>::to_float(e[1]);
+}
+
+template <int N> __device__ __forceinline__ float lcu_warp_sum(float x)
+{
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+
+__device__ __forceinline__ float lcu_warp_nanmax(float x)
+{
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x = lcu_nanmax(x, __shfl_xor_sync(0xffffffffu, x, o));
+    return x;
+}
+
+/* log2(2^a + 2^b), exact for -inf operands, NaN-propagating. */
+__device__ __forceinline__ float lcu_log2_add(float a, float b)
+{
+    if (a == -INFINITY) return b;
+    if (b == -INFINITY) return a;
+    const float m = lcu_nanmax(a, b);
+    return m + log2f(1.0f + exp2f(-fabsf(a - b)));
+}
+
+template <int D> constexpr size_t lcu_decode_smem()
+{
+    constexpr int G = lcu_dec_shape<D>::GMAX;
+    constexpr size_t q = (size_t)LCU_SLOTS * G * D, comb = (size_t)DEC_WARPS * G * (D + 2);
+    return 4 * (q > comb ? q : comb);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(DEC_WARPS * 32) lcu_decode_kernel(const lampe_cuda_attn_params p, float *part_o,
+                                                                  float *part_ml, int64_t t_first, int64_t head_chunks)
+{
+    constexpr int DPL = lcu_dec_shape<D>::DPL, GMAX = lcu_dec_shape<D>::GMAX;
+    extern __shared__ __align__(16) float lcu_dsmem[];
+    float *Qs = lcu_dsmem; /* [3][GMAX][D]; reused as the warps' merge area at the end */
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int split = blockIdx.x, nsplit = gridDim.x;
+    const int64_t yb = blockIdx.y, hc = yb % head_chunks, kvh = (yb / head_chunks) % p.kv_heads;
+    const int64_t b = yb / head_chunks / p.kv_heads;
+    const int64_t t = t_first + blockIdx.z;
+    const int64_t G = p.q_heads / p.kv_heads, g0 = hc * GMAX;
+    const int GC = (int)(G - g0 < GMAX ? G - g0 : GMAX);
+    const lampe_cuda_seq seq = p.seqs[b];
+    const int64_t pos = lcu_row_pos(&seq, t);
+    if (!lcu_row_is_decode(&seq, pos, p.all_decode)) return; /* a prompt row: the tiled kernel's */
+
+    lcu_region regs[LCU_SLOTS];
+    const int nreg = lcu_row_regions(&seq, pos, regs);
+    int64_t kend = -1;
+    for (int r = 0; r < nreg; r++) kend = regs[r].hi > kend ? regs[r].hi : kend;
+    const int64_t c0 = (kend + 1) * split / nsplit, c1 = (kend + 1) * (split + 1) / nsplit;
+
+    /* rotated, scaled queries per region: amplitude s^2 on rotated dims, scale (x log2 e) */
+    const float qamp = p.kind != LAMPE_CUDA_CAUSAL ? p.amplitude * p.amplitude : 1.0f;
+    const float qscale = p.softcap > 0.0f ? p.scale : p.scale * LCU_LOG2E;
+    const int rd = (int)p.rotary_dim, n2 = rd / 2;
+    for (int r = 0; r < nreg; r++) {
+        float *Q = Qs + regs[r].slot * GMAX * D;
+        for (int i = tid; i < GC * D; i += DEC_WARPS * 32) {
+            const int g = i / D, d = i % D;
+            const T *src = static_cast<const T *>(p.q) + b * p.q_stride[0] + (kvh * G + g0 + g) * p.q_stride[1] +
+                           t * p.q_stride[2];
+            float y;
+            if (d >= rd) {
+                y = lcu_elem<T>::to_float(src[d]);
+            } else {
+                int k, d1, d2;
+                if (p.interleaved)
+                    k = d / 2;
+                else
+                    k = d < n2 ? d : d - n2;
+                lcu_pair_dims(k, rd, p.interleaved, &d1, &d2);
+                float c, sn;
+                lcu_cossin(regs[r].qpos, p.inv_freq[k], qamp, &c, &sn);
+                const float x1 = lcu_elem<T>::to_float(src[d1]), x2 = lcu_elem<T>::to_float(src[d2]);
+                y = d == d1 ? x1 * c - x2 * sn : x2 * c + x1 * sn;
+            }
+            Q[g * D + d] = y * qscale;
+        }
+    }
+    __syncthreads();
+
+    /* this lane's dims and their rotary partners */
+    const int d0 = lane * DPL;
+    int src_lane = lane;
+    if (!p.interleaved && d0 < rd) src_lane = d0 < n2 ? lane + n2 / DPL : lane - n2 / DPL;
+    float ccache[DPL], scache[DPL];
+    int64_t cached_kpos = INT64_MIN;
+
+    float O[GMAX][DPL], m_run[GMAX], l_lane[GMAX];
+#pragma unroll
+    for (int g = 0; g < GMAX; g++) {
+        m_run[g] = -INFINITY;
+        l_lane[g] = 0.0f;
+#pragma unroll
+        for (int e = 0; e < DPL; e++) O[g][e] = 0.0f;
+    }
+    const T *kbase = static_cast<const T *>(p.k) + b * p.k_stride[0] + kvh * p.k_stride[1];
+    const T *vbase = static_cast<const T *>(p.v) + b * p.v_stride[0] + kvh * p.v_stride[1];
+    const int64_t off = seq.key_offset;
+
+    for (int64_t kb = c0 + 32 * warp; kb < c1; kb += 32 * DEC_WARPS) {
+        const int nk = (int)(c1 - kb < 32 ? c1 - kb : 32);
+        float se[GMAX]; /* lane i: log2-sum-exp of key kb + i's visits, per head */
+#pragma unroll
+        for (int g = 0; g < GMAX; g++) se[g] = -INFINITY;
+        for (int i = 0; i < nk; i++) {
+            const int64_t j = kb + i;
+            uint32_t w[DPL / 2], pw[DPL / 2];
+            lcu_load_words<T, DPL>(kbase + (off + j) * p.k_stride[2] + d0, w);
+#pragma unroll
+            for (int e = 0; e < DPL / 2; e++) pw[e] = __shfl_sync(0xffffffffu, w[e], src_lane);
+            float x[DPL], xp[DPL];
+#pragma unroll
+            for (int e = 0; e < DPL / 2; e++) {
+                lcu_unpack<T>(w[e], &x[2 * e], &x[2 * e + 1]);
+                lcu_unpack<T>(pw[e], &xp[2 * e], &xp[2 * e + 1]);
+            }
+            for (int r = 0; r < nreg; r++) {
+                if (j < regs[r].lo || j > regs[r].hi) continue;
+                const int64_t kpos = regs[r].mapped ? lcu_mapped_id(&seq, j - regs[r].shift) : j;
+                if (kpos != cached_kpos) {
+#pragma unroll
+                    for (int e = 0; e < DPL; e++) {
+                        const int d = d0 + e;
+                        if (d < rd) {
+                            const int k = p.interleaved ? d / 2 : (d < n2 ? d : d - n2);
+                            lcu_cossin(kpos, p.inv_freq[k], 1.0f, &ccache[e], &scache[e]);
+                        }
+                    }
+                    cached_kpos = kpos;
+                }
+                float y[DPL];
+#pragma unroll
+                for (int e = 0; e < DPL; e++) {
+                    const int d = d0 + e;
+                    if (d >= rd) {
+                        y[e] = x[e];
+                    } else if (p.interleaved) {
+                        y[e] = (e & 1) ? x[e] * ccache[e] + x[e - 1] * scache[e] : x[e] * ccache[e] - x[e + 1] * scache[e];
+                    } else {
+                        y[e] = d < n2 ? x[e] * ccache[e] - xp[e] * scache[e] : x[e] * ccache[e] + xp[e] * scache[e];
+                    }
+                }
+                const float *Q = Qs + regs[r].slot * GMAX * D + d0;
+#pragma unroll
+                for (int g = 0; g < GMAX; g++) {
+                    if (g >= GC) break;
+                    float part = 0.0f;
+#pragma unroll
+                    for (int e = 0; e < DPL; e++) part += Q[g * D + e] * y[e];
+                    float sc = lcu_warp_sum<32>(part);
+                    if (p.softcap > 0.0f) sc = p.softcap * tanhf(sc / p.softcap) * LCU_LOG2E;
+                    if (lane == i) se[g] = lcu_log2_add(se[g], sc);
+                }
+            }
+        }
+        /* one online-softmax step for the tile, then P.V */
+        float pg[GMAX];
+#pragma unroll
+        for (int g = 0; g < GMAX; g++) {
+            pg[g] = 0.0f;
+            if (g >= GC) continue;
+            const float mnew = lcu_nanmax(m_run[g], lcu_warp_nanmax(se[g]));
+            if (mnew == -INFINITY) continue;
+            const float alpha = exp2f(m_run[g] - mnew);
+            pg[g] = exp2f(se[g] - mnew);
+            l_lane[g] = l_lane[g] * alpha + pg[g];
+            m_run[g] = mnew;
+#pragma unroll
+            for (int e = 0; e < DPL; e++) O[g][e] *= alpha;
+        }
+        for (int i = 0; i < nk; i++) {
+            uint32_t w[DPL / 2];
+            lcu_load_words<T, DPL>(vbase + (off + kb + i) * p.v_stride[2] + d0, w);
+            float v[DPL];
+#pragma unroll
+            for (int e = 0; e < DPL / 2; e++) lcu_unpack<T>(w[e], &v[2 * e], &v[2 * e + 1]);
+#pragma unroll
+            for (int g = 0; g < GMAX; g++) {
+                if (g >= GC) break;
+                const float pw = __shfl_sync(0xffffffffu, pg[g], i);
+#pragma unroll
+                for (int e = 0; e < DPL; e++) O[g][e] += pw * v[e];
+            }
+        }
+    }
+
+    /* merge the 4 warps (area reused from Qs): [warp][g][D + 2] = O, m, l */
+    __syncthreads();
+    float *W = lcu_dsmem;
+#pragma unroll
+    for (int g = 0; g < GMAX; g++) {
+        if (g >= GC) break;
+        const float l = lcu_warp_sum<32>(l_lane[g]);
+        float *slot = W + (warp * GMAX + g) * (D + 2);
+#pragma unroll
+        for (int e = 0; e < DPL; e++) slot[d0 + e] = O[g][e];
+        if (lane == 0) {
+            slot[D] = m_run[g];
+            slot[D + 1] = l;
+        }
+    }
+    __syncthreads();
+    const float qnan = __int_as_float(0x7fc00000);
+    for (int i = tid; i < GC * D; i += DEC_WARPS * 32) {
+        const int g = i / D, d = i % D;
+        float M = -INFINITY;
+        for (int w = 0; w < DEC_WARPS; w++) M = lcu_nanmax(M, W[(w * GMAX + g) * (D + 2) + D]);
+        float L = 0.0f, acc = 0.0f;
+        if (M != -INFINITY) {
+            for (int w = 0; w < DEC_WARPS; w++) {
+                const float *slot = W + (w * GMAX + g) * (D + 2);
+                if (slot[D] == -INFINITY) continue;
+                const float sc = exp2f(slot[D] - M);
+                L += sc * slot[D + 1];
+                acc += sc * slot[d];
+            }
+        }
+        const int64_t h = kvh * G + g0 + g;
+        if (nsplit > 1) {
+            const int64_t prow = ((b * (p.q_len - p.decode_first) + (t - p.decode_first)) * p.q_heads + h) * nsplit + split;
+            part_o[prow * D + d] = acc;
+            if (d == 0) {
+                part_ml[prow * 2] = M;
+                part_ml[prow * 2 + 1] = L;
+            }
+            continue;
+        }
+        const bool nan_row = seq.status != 0 || M != M || L != L;
+        const float o = nan_row ? qnan : (L > 0.0f ? acc / L : 0.0f);
+        T *dst = static_cast<T *>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + t * p.out_stride[2];
+        dst[d] = lcu_elem<T>::from_float(isfinite(o) ? o : qnan);
+        if (d == 0 && p.lse)
+            p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + t * p.lse_stride[2]] =
+                nan_row ? qnan : (L > 0.0f ? (M + log2f(L)) * LCU_LN2 : -INFINITY);
+    }
+}
+
+/* One warp per (row, head): out = sum_s 2^(m_s - M) O_s / sum_s 2^(m_s - M) l_s. */
+template <typename T>
+__global__ void lcu_merge_kernel(const lampe_cuda_attn_params p, const float *part_o, const float *part_ml, int nsplit)
+{
+    const int lane = threadIdx.x & 31;
+    const int64_t rows = p.q_len - p.decode_first;
+    const int64_t item = blockIdx.x * (int64_t)(blockDim.x / 32) + (threadIdx.x >> 5);
+    if (item >= p.batch * rows * p.q_heads) return;
+    const int64_t h = item % p.q_heads, tr = (item / p.q_heads) % rows, b = item / p.q_heads / rows;
+    const int64_t t = p.decode_first + tr;
+    const lampe_cuda_seq seq = p.seqs[b];
+    if (!lcu_row_is_decode(&seq, lcu_row_pos(&seq, t), p.all_decode)) return;
+    const int64_t D = p.head_dim, base = item * nsplit;
+    float M = -INFINITY;
+    for (int s = 0; s < nsplit; s++) M = lcu_nanmax(M, part_ml[(base + s) * 2]);
+    float L = 0.0f;
+    if (M != -INFINITY)
+        for (int s = 0; s < nsplit; s++)
+            if (part_ml[(base + s) * 2] != -INFINITY) L += exp2f(part_ml[(base + s) * 2] - M) * part_ml[(base + s) * 2 + 1];
+    const float qnan = __int_as_float(0x7fc00000);
+    const bool nan_row = seq.status != 0 || M != M || L != L;
+    bool finite = true;
+    float acc[8]; /* D <= 256: at most 8 dims per lane */
+    T *dst = static_cast<T *>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + t * p.out_stride[2];
+    int idx = 0;
+    for (int64_t d = lane; d < D; d += 32, idx++) {
+        float a = 0.0f;
+        if (M != -INFINITY)
+            for (int s = 0; s < nsplit; s++) {
+                const float ms = part_ml[(base + s) * 2];
+                if (ms != -INFINITY) a += exp2f(ms - M) * part_o[(base + s) * D + d];
+            }
+        a = L > 0.0f ? a / L : 0.0f;
+        acc[idx] = a;
+        finite &= isfinite(a);
+    }
+    finite = __all_sync(0xffffffffu, finite);
+    idx = 0;
+    for (int64_t d = lane; d < D; d += 32, idx++)
+        dst[d] = lcu_elem<T>::from_float(nan_row || !finite ? qnan : acc[idx]);
+    if (lane == 0 && p.lse)
+        p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + t * p.lse_stride[2]] =
+            nan_row ? qnan : (L > 0.0f ? (M + log2f(L)) * LCU_LN2 : -INFINITY);
+}
+
+template <typename T, int D>
+static int lcu_decode_launch(const lampe_cuda_attn_params *p, const lcu_workspace *ws, cudaStream_t stream)
+{
+    constexpr size_t smem = lcu_decode_smem<D>();
+    constexpr int GMAX = lcu_dec_shape<D>::GMAX;
+    static bool configured = false;
+    if (!configured) {
+        if (cudaFuncSetAttribute(lcu_decode_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) !=
+            cudaSuccess)
+            return lcu_check_launch();
+        configured = true;
+    }
+    const int64_t G = p->q_heads / p->kv_heads, chunks = (G + GMAX - 1) / GMAX;
+    const int64_t rows = p->q_len - p->decode_first;
+    const int64_t ygrid = p->batch * p->kv_heads * chunks;
+    if (ygrid > 65535) return LAMPE_CUDA_ERR_UNSUPPORTED;
+    for (int64_t r0 = 0; r0 < rows; r0 += 65535) { /* gridDim.z limit */
+        const int64_t nr = rows - r0 < 65535 ? rows - r0 : 65535;
+        const dim3 grid((unsigned)p->splits, (unsigned)ygrid, (unsigned)nr);
+        lcu_decode_kernel<T, D><<<grid, DEC_WARPS * 32, smem, stream>>>(*p, ws->part_o, ws->part_ml,
+                                                                         p->decode_first + r0, chunks);
+    }
+    if (p->splits > 1) {
+        const int64_t items = p->batch * rows * p->q_heads;
+        lcu_merge_kernel<T><<<(unsigned)((items + 7) / 8), 256, 0, stream>>>(*p, ws->part_o, ws->part_ml, p->splits);
+    }
+    return lcu_check_launch();
+}
+
+template <typename T> static int lcu_decode_dtype(const lampe_cuda_attn_params *p, const lcu_workspace *ws,
+                                                  cudaStream_t stream)
+{
+    switch (p->head_dim) {
+    case 64: return lcu_decode_launch<T, 64>(p, ws, stream);
+    case 128: return lcu_decode_launch<T, 128>(p, ws, stream);
+    case 256: return lcu_decode_launch<T, 256>(p, ws, stream);
+    default: return LAMPE_CUDA_ERR_UNSUPPORTED;
+    }
+}
+
+int lcu_decode(const lampe_cuda_attn_params *p, const lcu_workspace *ws, cudaStream_t stream)
+{
+    if (p->decode_first >= p->q_len) return LAMPE_CUDA_OK;
+    return p->dtype == LAMPE_CUDA_BF16 ? lcu_decode_dtype<__nv_bfloat16>(p, ws, stream)
+                                       : lcu_decode_dtype<__half>(p, ws, stream);
+}
