@@ -37,13 +37,15 @@ def test_unavailable_level_is_refused():
 
 
 @pytest.mark.parametrize("cap", info.ISA_LEVELS)
-def test_env_cap_picks_best_level_not_above(cap):
+def test_env_cap_picks_best_level_not_above(cap, tmp_path):
     # LAMPE_CPU_ISA caps: a level the CPU lacks runs the best one below it
     avail = lampe.available_isas()
     want = [lvl for lvl in info.ISA_LEVELS[:info.ISA_LEVELS.index(cap) + 1] if lvl in avail][-1]
     env = dict(os.environ, LAMPE_CPU_ISA=cap, PYTHONPATH=LAMPE_PARENT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # cwd: a folder without lampe/ (python -c puts the cwd first on sys.path; a source tree there
+    # would shadow the lampe under test)
     out = subprocess.run([sys.executable, "-c", "import lampe.info as i; print(i.current_isa())"], env=env,
-                         capture_output=True, text=True, check=True).stdout.strip()
+                         cwd=tmp_path, capture_output=True, text=True, check=True).stdout.strip()
     assert out == want
 
 
