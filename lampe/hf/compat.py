@@ -16,7 +16,7 @@ VERSION = tuple(int(x) for x in transformers.__version__.split(".")[:2] if x.isd
 
 try:  # 4.48+: function registries for attention and (4.53+) mask construction
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, eager_mask, sdpa_mask
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 except ImportError as e:  # pragma: no cover - older transformers
     raise ImportError(f"lampe.patch needs transformers >= 4.57 (found {transformers.__version__}): {e}") from e
@@ -291,3 +291,23 @@ def disable_sliding_window(model, modules) -> list:
 
 def float_mask_valid(mask: torch.Tensor) -> torch.Tensor:
     return mask > torch.finfo(mask.dtype).min / 2
+
+
+_SDPA_MASK_PARAMS = inspect.signature(sdpa_mask).parameters
+
+
+def lampe_sdpa_mask(*args, **kwargs):
+    """The installed sdpa_mask, except that on 4.57 while torch.compile traces it also skips the
+    purely causal mask where it skips it in eager mode (no padding mask, one query or as many
+    queries as keys, plain causal): 4.57 materialises the mask while tracing, which LaMPE layers
+    would have to read on the host (a graph break per layer). 5.x already skips it there."""
+    if VERSION < (5, 0) and torch.compiler.is_compiling():
+        a = dict(zip(_SDPA_MASK_PARAMS, args), **kwargs)
+        cache_position, kv_length = a.get("cache_position"), a.get("kv_length")
+        if (a.get("attention_mask") is None and a.get("allow_is_causal_skip", True)
+                and a.get("local_size") is None and a.get("mask_function", causal_mask_function) is causal_mask_function
+                and cache_position is not None and kv_length is not None
+                and (cache_position.shape[0] == 1 or cache_position.shape[0] == kv_length)):
+            return None
+    return sdpa_mask(*args, **kwargs)
+

@@ -696,7 +696,7 @@ def _lampe_attention_forward(module, query, key, value, attention_mask, dropout=
 
 
 def _lampe_sdpa_mask(*args, **kwargs):
-    return compat.sdpa_mask(*args, **kwargs)
+    return compat.lampe_sdpa_mask(*args, **kwargs)
 
 
 def _lampe_eager_mask(*args, **kwargs):
