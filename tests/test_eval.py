@@ -361,3 +361,14 @@ def test_growth_decodes_what_one_forward_pass_predicts():
                     lengths=[160], windows=2, text_ids=ids, growth_prompt=128)
     assert len(recs) == 2 and all(x["prompt"] == 128 and x["task"] == "growth" for x in recs)
     assert "### growth (perplexity)" in markdown(summarize(recs), 128)
+
+
+def test_smollm2_calibration_is_recorded():
+    """The SmolLM2 scan (docs/results.md, "Calibration") found U = 0.9 W = 7373 best at 12K, 16K
+    and 24K: lampe-calibrated must apply exactly that to a SmolLM2 config, and to no other."""
+    from lampe.__main__ import model_config
+    found = M.calibrated_for(model_config("smollm2-135m"))
+    assert found is not None and found[0] == "smollm2"
+    cfg = lampe.LampeConfig(mapping_length=found[1])
+    assert [cfg.mapping_length_for(L) for L in (12288, 16384, 24576)] == [7373] * 3
+    assert M.calibrated_for(model_config("tiny")) is None
