@@ -478,6 +478,23 @@ def test_cache_held_plans_follow_reorders_and_crops():
     assert torch.allclose(swapped.flip(0), step, atol=1e-5)
 
 
+
+def test_crop_below_a_growth_plan_returns_to_the_models_own_attention():
+    """Assisted decoding's verification forward can cross growth_from (planned at growth_from + 1)
+    and then be cropped below it: token-by-token decoding would not have switched yet, so the row
+    must run the model's own attention again, as unpatched."""
+    m = tiny("llama")
+    x = ids(70, seed=5)  # a 60-token prompt (below active_from = 64), then 10 tokens in one forward
+    with torch.no_grad():
+        ref = m(x[:, :67]).logits[:, -1]
+        with lampe.patched(m, growth_from=W + 4, **SMALL):  # LaMPE for grown rows beyond 68 tokens
+            cache = hfcompat.output_cache(m(x[:, :60], use_cache=True))
+            m(x[:, 60:70], **hfcompat.cache_kwargs(m, cache))  # crosses 68: planned at 69
+            cache.crop(-4)  # the candidates from 67 on are rejected (70 -> 66 tokens)
+            got = m(x[:, 66:67], **hfcompat.cache_kwargs(m, cache)).logits[:, -1]
+    assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
+
+
 # ---------------------------------------------------------------- item 3: training
 
 

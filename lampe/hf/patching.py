@@ -437,7 +437,8 @@ class LampeHandle:
         growth_from + 1. That is exactly what token-by-token decoding does, so speculative
         decoding, which verifies several tokens per forward, plans like greedy decoding. Plans
         live on the cache; a crop (or reset) below a plan's length re-plans the row from what is
-        left. SelfExtend / ReRoPE: every forward plans each row from its total length."""
+        left when that exceeds growth_from, else the row is back on the model's own attention.
+        SelfExtend / ReRoPE: every forward plans each row from its total length."""
         cfg = self.config
         threshold = cfg.active_from or 0
         grow = _growth_threshold(cfg)
@@ -454,7 +455,7 @@ class LampeHandle:
         for b in range(lay.B):
             P, past = plans[b], lay.past[b]
             if P and P > past:  # this forward re-writes keys the plan was made from (crop, reset)
-                P = past if past > threshold else 0
+                P = past if past > grow else 0  # a prompt re-planned, or a grown row back below growth_from
             if P:
                 lay.start[b] = 0
             elif total[b] > threshold:
