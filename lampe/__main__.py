@@ -38,8 +38,6 @@ def _fmt_kpos(r):
 def model_config(name: str):
     """A transformers config from a known model name (lampe.models.MODELS), a checkpoint directory
     or a config.json file, without loading any weights."""
-    import json
-
     from . import models
     try:
         from transformers import AutoConfig, LlamaConfig
@@ -56,21 +54,15 @@ def model_config(name: str):
                            num_attention_heads=i["num_attention_heads"], num_key_value_heads=i["num_key_value_heads"],
                            head_dim=i["head_dim"], vocab_size=i["vocab_size"],
                            max_position_embeddings=i["pretrained_window"], rope_theta=i["rope_theta"])
+    from .hf.describe import load_model_config  # paths: the one loader patch's preview uses
     path = os.path.expanduser(name)
-    if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
-    if not os.path.isfile(path):
+    if not (os.path.isdir(path) or os.path.isfile(path)):
         raise UsageError(f"--model-config {name!r}: not a known model ({', '.join(sorted(models.MODELS))}), "
                          "a checkpoint directory or a config.json file")
-    with open(path) as fh:
-        try:
-            d = json.load(fh)
-        except ValueError as e:
-            raise UsageError(f"--model-config {name!r}: not valid JSON ({e})") from e
-    if "model_type" not in d:
-        raise UsageError(f"--model-config {name!r}: the config has no model_type")
-    d.pop("transformers_version", None)
-    return AutoConfig.for_model(d.pop("model_type"), **d)
+    try:
+        return load_model_config(path)
+    except (OSError, ValueError) as e:  # no config.json in the folder, not JSON, no model_type
+        raise UsageError(f"--model-config {name!r}: {e}") from None
 
 
 def describe_defaults(config) -> list:
