@@ -666,9 +666,13 @@ static PyObject *py_attention(PyObject *self, PyObject *args, PyObject *kw)
     st = lampe_attention(&p);
     Py_END_ALLOW_THREADS
     PyMem_Free(seqs);
-    if (st == LAMPE_ERR_OVERFLOW)
-        return PyErr_Format(PyExc_ValueError, "scale: a logit overflows float32 with scale=%g (scale * <q, k> is "
-                            "beyond 3.4e38 for some finite q, k); use a smaller scale", scale);
+    if (st == LAMPE_ERR_OVERFLOW) { /* PyErr_Format has no %g: format the number here */
+        char msg[192];
+        snprintf(msg, sizeof msg, "scale: a logit overflows float32 with scale=%g (scale * <q, k> is beyond 3.4e38 "
+                 "for some finite q, k); use a smaller scale", scale);
+        PyErr_SetString(PyExc_ValueError, msg);
+        return NULL;
+    }
     if (st) return raise_status(st, "attention");
     Py_RETURN_NONE;
 }
