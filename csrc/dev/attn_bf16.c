@@ -380,22 +380,10 @@ static double check(const ctx *c, const float *Qv, const float *K, const float *
 
 int main(int argc, char **argv)
 {
-    if (argc < 5) {
-        fprintf(stderr, "usage: %s L G REPS VERSION[/SKIP] ...\n", argv[0]);
-        return 2;
-    }
-    const int64_t L = atoll(argv[1]), G = atoll(argv[2]);
-    const int reps = atoi(argv[3]);
-    int nv = 0, ver[MAXV], skp[MAXV];
-    for (int i = 4; i < argc && nv < MAXV; i++, nv++) {
-        ver[nv] = atoi(argv[i]);
-        const char *sl = strchr(argv[i], '/');
-        skp[nv] = sl ? atoi(sl + 1) : 0;
-        if (ver[nv] < 1 || ver[nv] > 5) {
-            fprintf(stderr, "unknown version %d\n", ver[nv]);
-            return 2;
-        }
-    }
+    int64_t L, G;
+    int reps, ver[MAXV], skp[MAXV];
+    const int nv = dev_args(argc, argv, 5, MAXV, &L, &G, &reps, ver, skp);
+    if (nv < 0) return 2;
     const int64_t nblk = (L + BK - 1) / BK, np = nblk * BK;
     float *Qv = dev_alloc((size_t)(L * G * D) * 4), *K = dev_alloc((size_t)(np * D) * 4), *V = dev_alloc((size_t)(np * D) * 4);
     uint16_t *Q = dev_alloc((size_t)(L * G * D) * 2);

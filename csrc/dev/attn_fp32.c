@@ -478,22 +478,10 @@ static double check(const ctx *c, const float *K, uint64_t *seed)
 
 int main(int argc, char **argv)
 {
-    if (argc < 5) {
-        fprintf(stderr, "usage: %s L G REPS VERSION[/SKIP] ...   (variants are timed round-robin)\n", argv[0]);
-        return 2;
-    }
-    const int64_t L = atoll(argv[1]), G = atoll(argv[2]);
-    const int reps = atoi(argv[3]);
-    int nv = 0, ver[MAXV], skp[MAXV];
-    for (int i = 4; i < argc && nv < MAXV; i++, nv++) {
-        ver[nv] = atoi(argv[i]);
-        const char *sl = strchr(argv[i], '/');
-        skp[nv] = sl ? atoi(sl + 1) : 0;
-        if (ver[nv] < 1 || ver[nv] > NVERSIONS) {
-            fprintf(stderr, "unknown version %d\n", ver[nv]);
-            return 2;
-        }
-    }
+    int64_t L, G;
+    int reps, ver[MAXV], skp[MAXV];
+    const int nv = dev_args(argc, argv, NVERSIONS, MAXV, &L, &G, &reps, ver, skp);
+    if (nv < 0) return 2;
     const int64_t nblk = (L + BK - 1) / BK, ldv = D + 16;
     float *Q = dev_alloc((size_t)(L * G * D) * 4), *K = dev_alloc((size_t)(L * D) * 4);
     float *Kp = dev_alloc((size_t)(nblk * D * LDK) * 4), *V = dev_alloc((size_t)(L * ldv) * 4);

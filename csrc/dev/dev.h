@@ -15,6 +15,31 @@
 #include <string.h>
 #include <time.h>
 
+/* The command line every workbench program takes: L G REPS VERSION[/SKIP] ... (at most maxv
+ * variants, versions 1..nversions). Returns the number of variants, or -1 after printing why. */
+static inline int dev_args(int argc, char **argv, int nversions, int maxv, int64_t *L, int64_t *G, int *reps,
+                           int *ver, int *skp)
+{
+    if (argc < 5) {
+        fprintf(stderr, "usage: %s L G REPS VERSION[/SKIP] ...   (variants are timed round-robin)\n", argv[0]);
+        return -1;
+    }
+    *L = atoll(argv[1]);
+    *G = atoll(argv[2]);
+    *reps = atoi(argv[3]);
+    int nv = 0;
+    for (int i = 4; i < argc && nv < maxv; i++, nv++) {
+        ver[nv] = atoi(argv[i]);
+        const char *sl = strchr(argv[i], '/');
+        skp[nv] = sl ? atoi(sl + 1) : 0;
+        if (ver[nv] < 1 || ver[nv] > nversions) {
+            fprintf(stderr, "unknown version %d\n", ver[nv]);
+            return -1;
+        }
+    }
+    return nv;
+}
+
 static inline double dev_now(void)
 {
     struct timespec ts;
