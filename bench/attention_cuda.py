@@ -142,23 +142,37 @@ def prompt_rows(L, quick, out):
     cfg = lampe.LampeConfig(window=512, sink=200, mapping_length="llama3", mode=MODES[0])
     causal_flops = 4 * D * HQ * L * (L + 1) / 2
     reps = 3 if L >= 65536 else 5
-    res = {}
-    res["lampe LaMPE"] = timed(lambda: lampe.attention(q, k, v, config=cfg, inv_freq=f), reps)
-    res["lampe causal"] = timed(lambda: lampe.attention(q, k, v, config=None, inv_freq=f), reps)
+    case = {"case": "prompt", "L": L, "batch": 1}
+    unit = lambda t: {"tflops": causal_flops / t / 1e12}  # noqa: E731
+    measure(out, case, "lampe LaMPE", lambda: lampe.attention(q, k, v, config=cfg, inv_freq=f), reps, unit)
+    measure(out, case, "lampe causal", lambda: lampe.attention(q, k, v, config=None, inv_freq=f), reps, unit)
     qr, kr = rot(q, torch.arange(L, device="cuda"), fd), rot(k, torch.arange(L, device="cuda"), fd)
     from torch.nn.attention import SDPBackend, sdpa_kernel
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         kk, vv = kr.repeat_interleave(HQ // HKV, 1), v.repeat_interleave(HQ // HKV, 1)
-        res["torch SDPA causal (flash)"] = timed(
-            lambda: torch.nn.functional.scaled_dot_product_attention(qr, kk, vv, is_causal=True), reps)
-    res["LaMPE per-region flash + merge"] = timed(lambda: peer_lampe(q, k, v, cfg, fd, L), reps)
+        measure(out, case, "torch SDPA causal (flash)",
+                lambda: torch.nn.functional.scaled_dot_product_attention(qr, kk, vv, is_causal=True), reps, unit)
+    del kk, vv, qr, kr
+    measure(out, case, "LaMPE per-region flash + merge", lambda: peer_lampe(q, k, v, cfg, fd, L), reps, unit)
     if L <= 8192:
         from lampe import torch_backend
-        res["pure-torch backend"] = timed(
-            lambda: torch_backend.attention(q, k, v, config=cfg, inv_freq=f), reps=1, warmup=1)
-    for name, t in res.items():
-        out.append({"case": "prompt", "L": L, "batch": 1, "impl": name, "seconds": t,
-                    "tflops": causal_flops / t / 1e12})
+        measure(out, case, "pure-torch backend",
+                lambda: torch_backend.attention(q, k, v, config=cfg, inv_freq=f), 1, unit, warmup=1)
+
+
+def measure(rows, case, impl, fn, reps, unit, warmup=2):
+    """Time fn, append a row and print it at once; a failure is reported and the run goes on (one
+    broken case must not hide the others' figures)."""
+    try:
+        t = timed(fn, reps, warmup)
+    except Exception as exc:  # noqa: BLE001  reported, not hidden: the row says FAILED
+        torch.cuda.empty_cache()
+        msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        rows.append({**case, "impl": impl, "error": msg})
+        print(f"{case['case']:7} {case['L']:>7} {case['batch']:>2}  {impl:32} FAILED {msg}", flush=True)
+        return
+    rows.append({**case, "impl": impl, "seconds": t, **unit(t)})
+    print(f"{case['case']:7} {case['L']:>7} {case['batch']:>2}  {impl:32} {t * 1e3:9.2f} ms", flush=True)
 
 
 def decode_rows(L, B, out):
@@ -168,14 +182,16 @@ def decode_rows(L, B, out):
     f = inv_freq()
     cfg = lampe.LampeConfig(window=512, sink=200, mapping_length="llama3", mode=MODES[0])
     nbytes = 2 * B * HKV * L * D * 2
-    res = {"lampe LaMPE": timed(lambda: lampe.attention(q, k, v, config=cfg, inv_freq=f, prompt_length=L - 1), 20),
-           "lampe causal": timed(lambda: lampe.attention(q, k, v, config=None, inv_freq=f), 20)}
+    case = {"case": "decode", "L": L, "batch": B}
+    unit = lambda t: {"gbps": nbytes / t / 1e9}  # noqa: E731
+    measure(out, case, "lampe LaMPE",
+            lambda: lampe.attention(q, k, v, config=cfg, inv_freq=f, prompt_length=L - 1), 20, unit)
+    measure(out, case, "lampe causal", lambda: lampe.attention(q, k, v, config=None, inv_freq=f), 20, unit)
     from torch.nn.attention import SDPBackend, sdpa_kernel
     kk, vv = k.repeat_interleave(HQ // HKV, 1), v.repeat_interleave(HQ // HKV, 1)
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
-        res["torch SDPA"] = timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, kk, vv), 20)
-    for name, t in res.items():
-        out.append({"case": "decode", "L": L, "batch": B, "impl": name, "seconds": t, "gbps": nbytes / t / 1e9})
+        measure(out, case, "torch SDPA", lambda: torch.nn.functional.scaled_dot_product_attention(q, kk, vv), 20,
+                unit)
 
 
 def main(argv=None):
@@ -189,7 +205,7 @@ def main(argv=None):
     dev = torch.cuda.get_device_name(0)
     mm, copy = ceilings()
     print(f"device: {dev}; torch {torch.__version__}; lampe._cuda: {lampe.show_config(False)['cuda']}")
-    print(f"ceilings (same run): bf16 matmul {mm:.0f} TFLOP/s, device copy {copy:.0f} GB/s")
+    print(f"ceilings (same run): bf16 matmul {mm:.0f} TFLOP/s, device copy {copy:.0f} GB/s", flush=True)
     rows = []
     for L in ([8192, 32768] if args.quick else [8192, 32768, 131072]):
         prompt_rows(L, args.quick, rows)
@@ -198,6 +214,9 @@ def main(argv=None):
             decode_rows(L, B, rows)
     print(f"{'case':7} {'L':>7} {'B':>2}  {'impl':32} {'ms':>9}  {'rate':>12}  {'of ceiling':>10}")
     for r in rows:
+        if "error" in r:
+            print(f"{r['case']:7} {r['L']:>7} {r['batch']:>2}  {r['impl']:32} FAILED {r['error']}")
+            continue
         if r["case"] == "prompt":
             rate, frac = f"{r['tflops']:.1f} TFLOP/s", r["tflops"] / mm
         else:
@@ -205,7 +224,9 @@ def main(argv=None):
         print(f"{r['case']:7} {r['L']:>7} {r['batch']:>2}  {r['impl']:32} {r['seconds'] * 1e3:9.2f}  {rate:>12}  "
               f"{frac:10.0%}")
     for L in sorted({r["L"] for r in rows if r["case"] == "prompt"}):
-        t = {r["impl"]: r["seconds"] for r in rows if r["case"] == "prompt" and r["L"] == L}
+        t = {r["impl"]: r["seconds"] for r in rows if r["case"] == "prompt" and r["L"] == L and "seconds" in r}
+        if not {"lampe LaMPE", "torch SDPA causal (flash)", "LaMPE per-region flash + merge"} <= set(t):
+            continue
         print(f"prompt {L}: LaMPE / SDPA causal = {t['lampe LaMPE'] / t['torch SDPA causal (flash)']:.2f}x; "
               f"per-region flash + merge / LaMPE = {t['LaMPE per-region flash + merge'] / t['lampe LaMPE']:.2f}x")
     if args.json:

@@ -196,9 +196,11 @@ def _schema_matches() -> bool:
         return False
     try:
         want = torch._C.parse_schema("lampe::attention" + SCHEMA_ARGS)
-        return str(want) == str(op._schema)
     except Exception:  # noqa: BLE001  an unparsable schema is a mismatch
         return False
+    # The op declares its integers SymInt (torch.compile with dynamic shapes); the C++ kernel takes
+    # int64_t, which the dispatcher accepts for a SymInt argument, so int and SymInt compare equal.
+    return str(want).replace("SymInt", "int") == str(op._schema).replace("SymInt", "int")
 
 
 _registered = None  # "kernel", "fallback" or None

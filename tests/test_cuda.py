@@ -271,7 +271,11 @@ def test_patched_tiny_model_cuda_matches_cpu():
     window = cpu.config.max_position_embeddings
     cfg = lampe.LampeConfig.paper(pretrained_window=window).replace(mode=MODES[0])
     lampe.patch(cpu, cfg)
-    lampe.patch(gpu, cfg)
+    handle = lampe.patch(gpu, cfg)
+    # the patched CUDA model reaches lampe::attention and the op runs lampe's CUDA kernel (not the
+    # pure-torch fallback, which would pass this comparison as well)
+    assert "lampe::attention op" in repr(handle), repr(handle)
+    assert lcuda.info()["op_kernel"] == "kernel", lcuda.info()
     ids = torch.randint(5, cpu.config.vocab_size, (1, 4 * window), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a = cpu(ids).logits.float()

@@ -155,3 +155,15 @@ def test_angles_are_float32_products(lib):
         for k in (0, 1, 17, 63):
             want = np.float32(np.float32(pos) * f[k])
             assert lib.lcu_host_angle(pos, float(f[k])) == want
+
+
+def test_the_cuda_kernel_is_registered_for_the_op():
+    """lampe.cuda registers a CUDA kernel for lampe::attention only when the op has the schema the
+    C++ kernel implements. The op's integers became SymInt (torch.compile) and the exact string
+    comparison then failed silently: patched CUDA models ran the pure-torch backend. Runs without a
+    GPU: registering a CUDA kernel needs none."""
+    torch = pytest.importorskip("torch")
+    import lampe.cuda as lcuda
+    assert lcuda._schema_matches(), torch.ops.lampe.attention.default._schema
+    assert lcuda.info()["op_kernel"] in ("kernel", "fallback")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("lampe::attention", "CUDA")

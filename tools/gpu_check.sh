@@ -6,7 +6,7 @@
 #   2. tests/test_cuda.py with LAMPE_REQUIRE_CUDA=1 (a missing extension fails), and
 #      tests/test_cuda_host.py;
 #   3. compute-sanitizer --tool memcheck on one small case;
-#   4. bench/attention_cuda.py --quick.
+#   4. bench/attention_cuda.py --quick (BENCH_ARGS="" for the full one, BENCH_TIMEOUT seconds).
 # Logs and results go to $OUT when set (else build/gpu_check). Exit status: non-zero if the build,
 # the tests or the sanitizer failed.
 set -uo pipefail
@@ -37,8 +37,11 @@ fi
 $PY -c "import lampe; lampe.show_config()" 2>&1 | tail -2 | tee -a "$LOG/summary.txt"
 
 step tests
-LAMPE_REQUIRE_CUDA=1 timeout 240 $PY -m pytest -q -rs tests/test_cuda.py tests/test_cuda_host.py \
-    --junitxml="$LOG/tests.xml" > "$LOG/tests.log" 2>&1 || status=1
+# a hung kernel must not eat the run: a per-test limit where pytest-timeout is installed
+per_test=()
+$PY -c "import pytest_timeout" 2> /dev/null && per_test=(--timeout=90)
+LAMPE_REQUIRE_CUDA=1 timeout 240 $PY -m pytest -q -rs --tb=short "${per_test[@]}" tests/test_cuda.py \
+    tests/test_cuda_host.py > "$LOG/tests.log" 2>&1 || status=1
 tail -15 "$LOG/tests.log" | tee -a "$LOG/summary.txt"
 
 step "compute-sanitizer memcheck"
@@ -50,9 +53,10 @@ else
     echo "compute-sanitizer not found: skipped" | tee -a "$LOG/summary.txt"
 fi
 
-step "benchmark (quick)"
-timeout 150 $PY bench/attention_cuda.py --quick --json "$LOG/bench_cuda.json" > "$LOG/bench.log" 2>&1 \
-    || echo "benchmark did not finish (see bench.log)" | tee -a "$LOG/summary.txt"
+# BENCH_ARGS="" runs the full benchmark (prompt at 128K too; give it BENCH_TIMEOUT=240)
+step "benchmark (${BENCH_ARGS---quick})"
+timeout "${BENCH_TIMEOUT:-150}" $PY bench/attention_cuda.py ${BENCH_ARGS---quick} --json "$LOG/bench_cuda.json" \
+    > "$LOG/bench.log" 2>&1 || echo "benchmark did not finish (see bench.log)" | tee -a "$LOG/summary.txt"
 cat "$LOG/bench.log" | tee -a "$LOG/summary.txt"
 step "done: status $status"
 exit $status
