@@ -44,7 +44,8 @@ def arch_flags(arch_list: str) -> tuple[list[str], str]:
         if not item:
             continue
         ptx = item.endswith("+PTX")
-        num = item.replace("+PTX", "").replace(".", "")
+        # "9.0a" (torch's spelling of the arch-specific feature set, set on some GPU images) = sm_90a
+        num = item.replace("+PTX", "").replace(".", "").removesuffix("a")
         if not num.isdigit():
             raise ValueError(f"TORCH_CUDA_ARCH_LIST: cannot read {item!r}")
         if int(num) < 80:

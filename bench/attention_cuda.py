@@ -194,10 +194,39 @@ def decode_rows(L, B, out):
                 unit)
 
 
+def profile(L_prompt=32768, L_decode=32768):
+    """Kernel times of one LaMPE prompt call and one decode step (torch.profiler): what the GPU
+    spends, against the CUDA-event times above, which also hold the host's planning and launches."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    cfg = lampe.LampeConfig(window=512, sink=200, mapping_length="llama3", mode=MODES[0])
+    f = inv_freq()
+    for name, Lq, L in (("prompt", L_prompt, L_prompt), ("decode B=1", 1, L_decode)):
+        q = torch.randn(1, HQ, Lq, D, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, HKV, L, D, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(1, HKV, L, D, device="cuda", dtype=torch.bfloat16)
+        kw = {} if Lq == L else {"prompt_length": L - 1}
+        for _ in range(2):
+            lampe.attention(q, k, v, config=cfg, inv_freq=f, **kw)
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                lampe.attention(q, k, v, config=cfg, inv_freq=f, **kw)
+            torch.cuda.synchronize()
+        print(f"profile: {name}, L = {L} (3 calls)")
+        for key in ("self_device_time_total", "self_cuda_time_total"):
+            try:
+                print(prof.key_averages().table(sort_by=key, row_limit=10, max_name_column_width=60), flush=True)
+                break
+            except (AttributeError, KeyError, ValueError, RuntimeError):
+                continue
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="prompt at 8K and 32K only")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--profile", action="store_true", help="also print kernel times of one prompt and one decode call")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to measure")
@@ -233,6 +262,8 @@ def main(argv=None):
         with open(args.json, "w") as fh:
             json.dump({"device": dev, "torch": torch.__version__, "matmul_tflops": mm, "copy_gbps": copy,
                        "rows": rows}, fh, indent=1)
+    if args.profile:
+        profile()
     return 0
 
 

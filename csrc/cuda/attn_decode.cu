@@ -5,19 +5,24 @@
  * and, for calls with few query rows, every row (lcu_row_is_decode). One CTA = one query row x
  * up to GMAX query heads of one KV head (K and V are read once for the whole group, never
  * repeated per query head) x one contiguous share ("split") of the row's key range [0, kend].
- * Each of the 4 warps walks tiles of 32 keys: for every key it rotates the key in registers by
+ * Each of the 4 warps walks tiles of 32 keys, staged by cp.async into its own shared-memory area
+ * (K and V rows of the tile in flight at once, not one dependent load per key): for every key it
+ * rotates the key in registers by
  * the position of each region that contains it (so a key visited twice - prompt rows at d = H
  * and d = L - R - counts twice, as in the reference), dots it with the G rotated queries, then
  * one online-softmax step per tile and P.V accumulation in float32. cos/sin are recomputed only
- * when the key position changes (mapped keys come in runs of about L / U equal positions).
+ * when the key position changes (mapped keys come in runs of about L / U equal positions), with
+ * lcu_cossin_fast.
  * Warps merge in shared memory; splits merge in lcu_merge_kernel.
  *
  * Lane ownership: lane l holds dims [l * DPL, (l + 1) * DPL), DPL = D / 32; the rotate-half
  * partner of a dim lives (rotary_dim / 2) / DPL lanes away and arrives by one shuffle per word.
  */
 #include "internal.cuh"
+#include "mma.cuh"
 
 #define DEC_WARPS 4
+#define DEC_TILE 32 /* keys per warp tile: lane i keeps key i's scores */
 
 template <int D> struct lcu_dec_shape {
     static constexpr int DPL = D / 32;
@@ -71,15 +76,21 @@ __device__ __forceinline__ float lcu_log2_add(float a, float b)
     return m + log2f(1.0f + exp2f(-fabsf(a - b)));
 }
 
-template <int D> constexpr size_t lcu_decode_smem()
+/* [floats] rotated queries [3][GMAX][D], reused as the warps' merge area at the end */
+template <int D> constexpr size_t lcu_decode_qfloats()
 {
     constexpr int G = lcu_dec_shape<D>::GMAX;
     constexpr size_t q = (size_t)LCU_SLOTS * G * D, comb = (size_t)DEC_WARPS * G * (D + 2);
-    return 4 * (q > comb ? q : comb);
+    return q > comb ? q : comb;
+}
+/* bytes: that area, then each warp's staged K and V tile [2][DEC_TILE][D] (16-bit elements) */
+template <int D> constexpr size_t lcu_decode_smem()
+{
+    return 4 * lcu_decode_qfloats<D>() + (size_t)DEC_WARPS * 2 * DEC_TILE * D * 2;
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(DEC_WARPS * 32) lcu_decode_kernel(const lampe_cuda_attn_params p, float *part_o,
+__global__ void __launch_bounds__(DEC_WARPS * 32, 1) lcu_decode_kernel(const lampe_cuda_attn_params p, float *part_o,
                                                                   float *part_ml, int64_t t_first, int64_t head_chunks)
 {
     constexpr int DPL = lcu_dec_shape<D>::DPL, GMAX = lcu_dec_shape<D>::GMAX;
@@ -151,16 +162,29 @@ __global__ void __launch_bounds__(DEC_WARPS * 32) lcu_decode_kernel(const lampe_
     const T *kbase = static_cast<const T *>(p.k) + b * p.k_stride[0] + kvh * p.k_stride[1];
     const T *vbase = static_cast<const T *>(p.v) + b * p.v_stride[0] + kvh * p.v_stride[1];
     const int64_t off = seq.key_offset;
+    /* 16-byte copies: the binding passes unit last strides, other strides in multiples of 8
+     * elements and 16-byte aligned bases (kernel_ready) */
+    T *Kt = reinterpret_cast<T *>(lcu_dsmem + lcu_decode_qfloats<D>()) + (size_t)warp * 2 * DEC_TILE * D;
+    T *Vt = Kt + DEC_TILE * D;
 
-    for (int64_t kb = c0 + 32 * warp; kb < c1; kb += 32 * DEC_WARPS) {
-        const int nk = (int)(c1 - kb < 32 ? c1 - kb : 32);
+    for (int64_t kb = c0 + DEC_TILE * warp; kb < c1; kb += DEC_TILE * DEC_WARPS) {
+        const int nk = (int)(c1 - kb < DEC_TILE ? c1 - kb : DEC_TILE);
+        for (int c = lane; c < DEC_TILE * (D / 8); c += 32) {
+            const int r = c / (D / 8), col = (c % (D / 8)) * 8;
+            const int64_t j = off + kb + (r < nk ? r : 0);
+            lcu_cp_async16(Kt + r * D + col, kbase + j * p.k_stride[2] + col, r < nk ? 16 : 0);
+            lcu_cp_async16(Vt + r * D + col, vbase + j * p.v_stride[2] + col, r < nk ? 16 : 0);
+        }
+        lcu_cp_async_commit();
+        lcu_cp_async_wait<0>();
+        __syncwarp();
         float se[GMAX]; /* lane i: log2-sum-exp of key kb + i's visits, per head */
 #pragma unroll
         for (int g = 0; g < GMAX; g++) se[g] = -INFINITY;
         for (int i = 0; i < nk; i++) {
             const int64_t j = kb + i;
             uint32_t w[DPL / 2], pw[DPL / 2];
-            lcu_load_words<T, DPL>(kbase + (off + j) * p.k_stride[2] + d0, w);
+            lcu_load_words<T, DPL>(Kt + i * D + d0, w);
 #pragma unroll
             for (int e = 0; e < DPL / 2; e++) pw[e] = __shfl_sync(0xffffffffu, w[e], src_lane);
             float x[DPL], xp[DPL];
@@ -178,7 +202,7 @@ __global__ void __launch_bounds__(DEC_WARPS * 32) lcu_decode_kernel(const lampe_
                         const int d = d0 + e;
                         if (d < rd) {
                             const int k = p.interleaved ? d / 2 : (d < n2 ? d : d - n2);
-                            lcu_cossin(kpos, p.inv_freq[k], 1.0f, &ccache[e], &scache[e]);
+                            lcu_cossin_fast(kpos, p.inv_freq[k], &ccache[e], &scache[e]);
                         }
                     }
                     cached_kpos = kpos;
@@ -225,7 +249,7 @@ __global__ void __launch_bounds__(DEC_WARPS * 32) lcu_decode_kernel(const lampe_
         }
         for (int i = 0; i < nk; i++) {
             uint32_t w[DPL / 2];
-            lcu_load_words<T, DPL>(vbase + (off + kb + i) * p.v_stride[2] + d0, w);
+            lcu_load_words<T, DPL>(Vt + i * D + d0, w);
             float v[DPL];
 #pragma unroll
             for (int e = 0; e < DPL / 2; e++) lcu_unpack<T>(w[e], &v[2 * e], &v[2 * e + 1]);
@@ -237,6 +261,7 @@ __global__ void __launch_bounds__(DEC_WARPS * 32) lcu_decode_kernel(const lampe_
                 for (int e = 0; e < DPL; e++) O[g][e] += pw * v[e];
             }
         }
+        __syncwarp(); /* every lane is done with this tile before the next one lands */
     }
 
     /* merge the 4 warps (area reused from Qs): [warp][g][D + 2] = O, m, l */

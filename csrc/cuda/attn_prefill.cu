@@ -1,7 +1,8 @@
 /*
  * attn_prefill.cu - the tiled tensor-core kernel for prompt rows (FlashAttention-2 style).
  *
- * One CTA = 64 query rows of one query head (4 warps x 16 rows). Each region kind is a "slot"
+ * One CTA = BQ query rows of one query head (NWARPS warps x 16 rows; lcu_prefill_shape). Each
+ * region kind is a "slot"
  * (plan.cuh): slot 0 keys at true positions (local, or the whole causal range), slot 1 keys at
  * mapped positions, slot 2 the sink (true positions, shifted query). The CTA rotates its query
  * rows once per present slot into shared memory (amplitude s^2 on the rotated dims), then walks
@@ -22,23 +23,25 @@
 #include "internal.cuh"
 #include "mma.cuh"
 
-#define BQ 64
-#define NWARPS 4
-
+/* Tile shapes per head dim: BQ query rows (NWARPS warps x 16 rows), BK keys per block, STAGES
+ * key/value buffers. 128 rows x 8 warps where the three rotated query tiles and two stages fit in
+ * shared memory (174 KB at D = 128): one CTA per SM, but 8 warps to hide the ldmatrix -> mma
+ * latencies (64 rows x 4 warps left one warp per scheduler: about 90 TFLOP/s on an H200), and
+ * each key block loaded once for 128 rows. D = 256 keeps 64 x 4 (the tiles would not fit). */
 template <int D> struct lcu_prefill_shape;
-template <> struct lcu_prefill_shape<64> { static constexpr int BK = 64, STAGES = 2; };
-template <> struct lcu_prefill_shape<128> { static constexpr int BK = 64, STAGES = 2; };
-template <> struct lcu_prefill_shape<256> { static constexpr int BK = 32, STAGES = 1; };
+template <> struct lcu_prefill_shape<64> { static constexpr int BQ = 128, NWARPS = 8, BK = 64, STAGES = 2; };
+template <> struct lcu_prefill_shape<128> { static constexpr int BQ = 128, NWARPS = 8, BK = 64, STAGES = 2; };
+template <> struct lcu_prefill_shape<256> { static constexpr int BQ = 64, NWARPS = 4, BK = 32, STAGES = 1; };
 
 template <int D> __host__ __device__ constexpr int lcu_lds() { return D + 8; } /* padded rows: ldmatrix without bank conflicts */
 
 template <typename T, int D> constexpr size_t lcu_prefill_smem()
 {
-    return sizeof(T) * (size_t)lcu_lds<D>() *
-           (3 * BQ + 2 * lcu_prefill_shape<D>::STAGES * lcu_prefill_shape<D>::BK);
+    using S = lcu_prefill_shape<D>;
+    return sizeof(T) * (size_t)lcu_lds<D>() * (3 * S::BQ + 2 * S::STAGES * S::BK);
 }
 
-struct lcu_tile_info {
+template <int BQ> struct lcu_tile_info {
     int lo[LCU_SLOTS][BQ], hi[LCU_SLOTS][BQ]; /* own key range per slot and row (lo > hi: none) */
     long long qpos[LCU_SLOTS][BQ];
     int flags[BQ];                            /* 1: the row is this kernel's; 2: its plan failed */
@@ -48,9 +51,10 @@ struct lcu_tile_info {
 };
 
 template <typename T, int D>
-__global__ void __launch_bounds__(NWARPS * 32)
+__global__ void __launch_bounds__(lcu_prefill_shape<D>::NWARPS * 32, 1)
     lcu_prefill_kernel(const lampe_cuda_attn_params p, const T *__restrict__ k_true, const T *__restrict__ k_map)
 {
+    constexpr int BQ = lcu_prefill_shape<D>::BQ, NWARPS = lcu_prefill_shape<D>::NWARPS;
     constexpr int BK = lcu_prefill_shape<D>::BK, STAGES = lcu_prefill_shape<D>::STAGES, LDS = lcu_lds<D>();
     constexpr int NT = BK / 8; /* score tiles of 8 keys per warp row block */
     constexpr int DT = D / 8;  /* output tiles of 8 dims                   */
@@ -58,7 +62,7 @@ __global__ void __launch_bounds__(NWARPS * 32)
     T *Qs = reinterpret_cast<T *>(lcu_smem);
     T *Ks = Qs + 3 * BQ * LDS;
     T *Vs = Ks + STAGES * BK * LDS;
-    __shared__ lcu_tile_info ti;
+    __shared__ lcu_tile_info<BQ> ti;
     __shared__ int vbad[BK];
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -346,8 +350,9 @@ template <typename T, int D> static int lcu_prefill_launch(const lampe_cuda_attn
             return lcu_check_launch();
         configured = true;
     }
-    const dim3 grid((unsigned)((p->prefill_rows + BQ - 1) / BQ), (unsigned)p->q_heads, (unsigned)p->batch);
-    lcu_prefill_kernel<T, D><<<grid, NWARPS * 32, smem, stream>>>(*p, static_cast<const T *>(ws->k_true),
+    using S = lcu_prefill_shape<D>;
+    const dim3 grid((unsigned)((p->prefill_rows + S::BQ - 1) / S::BQ), (unsigned)p->q_heads, (unsigned)p->batch);
+    lcu_prefill_kernel<T, D><<<grid, S::NWARPS * 32, smem, stream>>>(*p, static_cast<const T *>(ws->k_true),
                                                                    static_cast<const T *>(ws->k_map));
     return lcu_check_launch();
 }

@@ -54,6 +54,20 @@ __device__ __forceinline__ void lcu_cossin(int64_t pos, float inv_freq, float am
     *s = sn * amp;
 }
 
+/* The same f32 angle, its cos/sin by a two-constant reduction to [-pi, pi] (fused multiply-adds:
+ * about 1e-6 absolute for positions up to 2^17 x inv_freq) and the hardware sine/cosine units
+ * (about 4e-7 absolute there). The row kernel rotates every key it reads with this - an accurate
+ * sincosf per key and dim pair was most of its time, and beyond 105615 radians (inv_freq = 1 at
+ * 128K) sincosf takes its slow exact path. Within bf16 scores, not bit-equal to the CPU kernel. */
+__device__ __forceinline__ void lcu_cossin_fast(int64_t pos, float inv_freq, float *c, float *s)
+{
+    const float a = lcu_angle(pos, inv_freq);
+    const float k = rintf(a * 0.15915493667125702f);
+    float r = fmaf(-k, 6.2831854820251465f, a);
+    r = fmaf(-k, -1.7484555314695172e-07f, r);
+    __sincosf(r, s, c);
+}
+
 /* Workspace of one attention call, carved from p->workspace in this order. */
 typedef struct lcu_workspace {
     void *k_true;     /* [B, Hkv, Lk, D] keys rotated by their own positions (prefill)      */
