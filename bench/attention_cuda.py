@@ -144,8 +144,9 @@ def prompt_rows(L, quick, out):
     reps = 3 if L >= 65536 else 5
     case = {"case": "prompt", "L": L, "batch": 1}
     unit = lambda t: {"tflops": causal_flops / t / 1e12}  # noqa: E731
-    measure(out, case, "lampe LaMPE", lambda: lampe.attention(q, k, v, config=cfg, inv_freq=f), reps, unit)
-    measure(out, case, "lampe causal", lambda: lampe.attention(q, k, v, config=None, inv_freq=f), reps, unit)
+    # inv_freq on the device, as a patched model passes it (a NumPy array would add a copy per call)
+    measure(out, case, "lampe LaMPE", lambda: lampe.attention(q, k, v, config=cfg, inv_freq=fd), reps, unit)
+    measure(out, case, "lampe causal", lambda: lampe.attention(q, k, v, config=None, inv_freq=fd), reps, unit)
     qr, kr = rot(q, torch.arange(L, device="cuda"), fd), rot(k, torch.arange(L, device="cuda"), fd)
     from torch.nn.attention import SDPBackend, sdpa_kernel
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
@@ -179,7 +180,7 @@ def decode_rows(L, B, out):
     q = torch.randn(B, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(B, HKV, L, D, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(B, HKV, L, D, device="cuda", dtype=torch.bfloat16)
-    f = inv_freq()
+    f = torch.as_tensor(inv_freq(), device="cuda")
     cfg = lampe.LampeConfig(window=512, sink=200, mapping_length="llama3", mode=MODES[0])
     nbytes = 2 * B * HKV * L * D * 2
     case = {"case": "decode", "L": L, "batch": B}
@@ -200,7 +201,7 @@ def profile(L_prompt=32768, L_decode=32768):
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
     cfg = lampe.LampeConfig(window=512, sink=200, mapping_length="llama3", mode=MODES[0])
-    f = inv_freq()
+    f = torch.as_tensor(inv_freq(), device="cuda")
     for name, Lq, L in (("prompt", L_prompt, L_prompt), ("decode B=1", 1, L_decode)):
         q = torch.randn(1, HQ, Lq, D, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(1, HKV, L, D, device="cuda", dtype=torch.bfloat16)

@@ -168,6 +168,28 @@ def test_decode_step_equals_row_of_longer_call():
     torch.testing.assert_close(big[:, :, L:].float().cpu(), want, atol=3e-2, rtol=3e-2)
 
 
+@pytest.mark.parametrize("D, rotary_dim, layout", [(128, 128, "interleaved"), (128, 96, "half"), (64, 36, "half"),
+                                                   (64, 36, "interleaved"), (128, 32, "half")])
+@pytest.mark.parametrize("Lq", [1, 4])
+def test_row_kernel_rotary_layouts(D, rotary_dim, layout, Lq):
+    """The row kernel's three score paths (rotate-half or interleaved dims in groups of 8, and one
+    pair at a time when they do not group: rotary_dim 36) and partial rotary, with a left-padded
+    row and soft-capping, against the float64 reference."""
+    L = 150
+    q, k, v = make(2, 8, 2, Lq, L, D, torch.bfloat16, seed=D + rotary_dim + Lq)
+    f = inv_freq(rotary_dim)
+    cfg = lampe.LampeConfig(window=8, sink=3, mapping_length=30, mode=MODES[0])
+    mask = torch.ones(2, L, dtype=torch.bool)
+    mask[1, :11] = False
+    kw = dict(key_padding_mask=mask, rotary_dim=rotary_dim, layout=layout, softcap=4.0)
+    want, want_lse = reference.attention(q.double().numpy(), k.double().numpy(), v.double().numpy(), cfg, f,
+                                         return_lse=True, **kw)
+    kw["key_padding_mask"] = mask.to(DEV)
+    out, lse = lampe.attention(q.to(DEV), k.to(DEV), v.to(DEV), config=cfg, inv_freq=f, return_lse=True, **kw)
+    torch.testing.assert_close(out.float().cpu(), torch.from_numpy(want).float(), atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(lse.cpu(), torch.from_numpy(want_lse).float(), atol=3e-2, rtol=3e-2)
+
+
 def test_long_decode_32k():
     """Lq = 1 over 32768 keys (split-KV), Llama-3-8B head layout, against the CPU kernel."""
     L, D = 32768, 128

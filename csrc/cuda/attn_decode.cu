@@ -53,6 +53,23 @@ template <typename T> __device__ __forceinline__ void lcu_unpack(uint32_t w, flo
     *hi = lcu_elem<T>::to_float(e[1]);
 }
 
+/* 8 consecutive 16-bit elements (16-byte aligned shared memory) as floats. */
+template <typename T> __device__ __forceinline__ void lcu_load8(const T *src, float x[8])
+{
+    const uint4 u = *reinterpret_cast<const uint4 *>(src);
+    lcu_unpack<T>(u.x, &x[0], &x[1]);
+    lcu_unpack<T>(u.y, &x[2], &x[3]);
+    lcu_unpack<T>(u.z, &x[4], &x[5]);
+    lcu_unpack<T>(u.w, &x[6], &x[7]);
+}
+
+/* q[0..7] . y[0..7], q 16-byte aligned (the same address in every lane: a broadcast). */
+__device__ __forceinline__ float lcu_dot8(const float *q, const float y[8])
+{
+    const float4 a = *reinterpret_cast<const float4 *>(q), b = *reinterpret_cast<const float4 *>(q + 4);
+    return a.x * y[0] + a.y * y[1] + a.z * y[2] + a.w * y[3] + b.x * y[4] + b.y * y[5] + b.z * y[6] + b.w * y[7];
+}
+
 template <int N> __device__ __forceinline__ float lcu_warp_sum(float x)
 {
 #pragma unroll
@@ -83,10 +100,11 @@ template <int D> constexpr size_t lcu_decode_qfloats()
     constexpr size_t q = (size_t)LCU_SLOTS * G * D, comb = (size_t)DEC_WARPS * G * (D + 2);
     return q > comb ? q : comb;
 }
-/* bytes: that area, then each warp's staged K and V tile [2][DEC_TILE][D] (16-bit elements) */
+/* bytes: that area, then each warp's staged K tile [DEC_TILE][D + 8] and V tile [DEC_TILE][D]
+ * (16-bit elements) */
 template <int D> constexpr size_t lcu_decode_smem()
 {
-    return 4 * lcu_decode_qfloats<D>() + (size_t)DEC_WARPS * 2 * DEC_TILE * D * 2;
+    return 4 * lcu_decode_qfloats<D>() + (size_t)DEC_WARPS * DEC_TILE * (2 * D + 8) * 2;
 }
 
 template <typename T, int D>
@@ -144,12 +162,9 @@ __global__ void __launch_bounds__(DEC_WARPS * 32, 1) lcu_decode_kernel(const lam
     }
     __syncthreads();
 
-    /* this lane's dims and their rotary partners */
-    const int d0 = lane * DPL;
-    int src_lane = lane;
-    if (!p.interleaved && d0 < rd) src_lane = d0 < n2 ? lane + n2 / DPL : lane - n2 / DPL;
-    float ccache[DPL], scache[DPL];
-    int64_t cached_kpos = INT64_MIN;
+    const int d0 = lane * DPL; /* this lane's dims of V and of the output */
+    /* rotary dims in groups of 8 (16-byte rows of K): the vector path of the scores */
+    const bool vec8 = p.interleaved ? rd % 8 == 0 : n2 % 8 == 0;
 
     float O[GMAX][DPL], m_run[GMAX], l_lane[GMAX];
 #pragma unroll
@@ -164,72 +179,112 @@ __global__ void __launch_bounds__(DEC_WARPS * 32, 1) lcu_decode_kernel(const lam
     const int64_t off = seq.key_offset;
     /* 16-byte copies: the binding passes unit last strides, other strides in multiples of 8
      * elements and 16-byte aligned bases (kernel_ready) */
-    T *Kt = reinterpret_cast<T *>(lcu_dsmem + lcu_decode_qfloats<D>()) + (size_t)warp * 2 * DEC_TILE * D;
-    T *Vt = Kt + DEC_TILE * D;
+    constexpr int LDK = D + 8; /* K rows padded: lanes reading 16 bytes of 8 rows hit 8 distinct bank groups */
+    T *Kt = reinterpret_cast<T *>(lcu_dsmem + lcu_decode_qfloats<D>()) + (size_t)warp * DEC_TILE * (LDK + D);
+    T *Vt = Kt + DEC_TILE * LDK;
 
     for (int64_t kb = c0 + DEC_TILE * warp; kb < c1; kb += DEC_TILE * DEC_WARPS) {
         const int nk = (int)(c1 - kb < DEC_TILE ? c1 - kb : DEC_TILE);
         for (int c = lane; c < DEC_TILE * (D / 8); c += 32) {
             const int r = c / (D / 8), col = (c % (D / 8)) * 8;
-            const int64_t j = off + kb + (r < nk ? r : 0);
-            lcu_cp_async16(Kt + r * D + col, kbase + j * p.k_stride[2] + col, r < nk ? 16 : 0);
-            lcu_cp_async16(Vt + r * D + col, vbase + j * p.v_stride[2] + col, r < nk ? 16 : 0);
+            const int64_t jr = off + kb + (r < nk ? r : 0);
+            lcu_cp_async16(Kt + r * LDK + col, kbase + jr * p.k_stride[2] + col, r < nk ? 16 : 0);
+            lcu_cp_async16(Vt + r * D + col, vbase + jr * p.v_stride[2] + col, r < nk ? 16 : 0);
         }
         lcu_cp_async_commit();
         lcu_cp_async_wait<0>();
         __syncwarp();
-        float se[GMAX]; /* lane i: log2-sum-exp of key kb + i's visits, per head */
+        /* scores, one key per lane: lane i rotates key kb + i by the position of each region that
+         * holds it and dots it with that region's rotated queries; se[g] = log2-sum-exp of its
+         * visits (a key in two regions counts twice). Independent lanes: no shuffle chains. */
+        float se[GMAX];
 #pragma unroll
         for (int g = 0; g < GMAX; g++) se[g] = -INFINITY;
-        for (int i = 0; i < nk; i++) {
-            const int64_t j = kb + i;
-            uint32_t w[DPL / 2], pw[DPL / 2];
-            lcu_load_words<T, DPL>(Kt + i * D + d0, w);
+        const int64_t j = kb + lane;
+        const T *Krow = Kt + lane * LDK;
+        for (int r = 0; r < nreg; r++) {
+            const bool in = lane < nk && j >= regs[r].lo && j <= regs[r].hi;
+            if (!__any_sync(0xffffffffu, in)) continue;
+            if (!in) continue; /* divergent from here on: nothing below is a warp collective */
+            const int64_t kpos = regs[r].mapped ? lcu_mapped_id(&seq, j - regs[r].shift) : j;
+            const float *Q = Qs + regs[r].slot * GMAX * D;
+            float acc[GMAX];
 #pragma unroll
-            for (int e = 0; e < DPL / 2; e++) pw[e] = __shfl_sync(0xffffffffu, w[e], src_lane);
-            float x[DPL], xp[DPL];
+            for (int g = 0; g < GMAX; g++) acc[g] = 0.0f;
+            if (vec8 && !p.interleaved) { /* pairs (k, k + n2), 8 at a time */
+                for (int k0 = 0; k0 < n2; k0 += 8) {
+                    float x1[8], x2[8], y1[8], y2[8];
+                    lcu_load8<T>(Krow + k0, x1);
+                    lcu_load8<T>(Krow + k0 + n2, x2);
 #pragma unroll
-            for (int e = 0; e < DPL / 2; e++) {
-                lcu_unpack<T>(w[e], &x[2 * e], &x[2 * e + 1]);
-                lcu_unpack<T>(pw[e], &xp[2 * e], &xp[2 * e + 1]);
+                    for (int e = 0; e < 8; e++) {
+                        float c, sn;
+                        lcu_cossin_fast(kpos, p.inv_freq[k0 + e], &c, &sn);
+                        y1[e] = x1[e] * c - x2[e] * sn;
+                        y2[e] = x2[e] * c + x1[e] * sn;
+                    }
+#pragma unroll
+                    for (int g = 0; g < GMAX; g++) {
+                        if (g >= GC) break;
+                        acc[g] += lcu_dot8(Q + g * D + k0, y1) + lcu_dot8(Q + g * D + k0 + n2, y2);
+                    }
+                }
+            } else if (vec8) { /* interleaved pairs (2k, 2k + 1), 4 per 8 dims */
+                for (int d = 0; d < rd; d += 8) {
+                    float x[8], y[8];
+                    lcu_load8<T>(Krow + d, x);
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        float c, sn;
+                        lcu_cossin_fast(kpos, p.inv_freq[d / 2 + e], &c, &sn);
+                        y[2 * e] = x[2 * e] * c - x[2 * e + 1] * sn;
+                        y[2 * e + 1] = x[2 * e + 1] * c + x[2 * e] * sn;
+                    }
+#pragma unroll
+                    for (int g = 0; g < GMAX; g++) {
+                        if (g >= GC) break;
+                        acc[g] += lcu_dot8(Q + g * D + d, y);
+                    }
+                }
+            } else { /* rotary dims that do not come in groups of 8: one pair at a time */
+                for (int k = 0; k < n2; k++) {
+                    int d1, d2;
+                    lcu_pair_dims(k, rd, p.interleaved, &d1, &d2);
+                    float c, sn;
+                    lcu_cossin_fast(kpos, p.inv_freq[k], &c, &sn);
+                    const float x1 = lcu_elem<T>::to_float(Krow[d1]), x2 = lcu_elem<T>::to_float(Krow[d2]);
+                    const float y1 = x1 * c - x2 * sn, y2 = x2 * c + x1 * sn;
+#pragma unroll
+                    for (int g = 0; g < GMAX; g++) {
+                        if (g >= GC) break;
+                        acc[g] += Q[g * D + d1] * y1 + Q[g * D + d2] * y2;
+                    }
+                }
+                for (int d = rd; d < D; d++) {
+                    const float x = lcu_elem<T>::to_float(Krow[d]);
+#pragma unroll
+                    for (int g = 0; g < GMAX; g++) {
+                        if (g >= GC) break;
+                        acc[g] += Q[g * D + d] * x;
+                    }
+                }
             }
-            for (int r = 0; r < nreg; r++) {
-                if (j < regs[r].lo || j > regs[r].hi) continue;
-                const int64_t kpos = regs[r].mapped ? lcu_mapped_id(&seq, j - regs[r].shift) : j;
-                if (kpos != cached_kpos) {
+            if (vec8) /* dims past the rotary ones, unrotated */
+                for (int d = rd; d < D; d += 8) {
+                    float x[8];
+                    lcu_load8<T>(Krow + d, x);
 #pragma unroll
-                    for (int e = 0; e < DPL; e++) {
-                        const int d = d0 + e;
-                        if (d < rd) {
-                            const int k = p.interleaved ? d / 2 : (d < n2 ? d : d - n2);
-                            lcu_cossin_fast(kpos, p.inv_freq[k], &ccache[e], &scache[e]);
-                        }
-                    }
-                    cached_kpos = kpos;
-                }
-                float y[DPL];
-#pragma unroll
-                for (int e = 0; e < DPL; e++) {
-                    const int d = d0 + e;
-                    if (d >= rd) {
-                        y[e] = x[e];
-                    } else if (p.interleaved) {
-                        y[e] = (e & 1) ? x[e] * ccache[e] + x[e - 1] * scache[e] : x[e] * ccache[e] - x[e + 1] * scache[e];
-                    } else {
-                        y[e] = d < n2 ? x[e] * ccache[e] - xp[e] * scache[e] : x[e] * ccache[e] + xp[e] * scache[e];
+                    for (int g = 0; g < GMAX; g++) {
+                        if (g >= GC) break;
+                        acc[g] += lcu_dot8(Q + g * D + d, x);
                     }
                 }
-                const float *Q = Qs + regs[r].slot * GMAX * D + d0;
 #pragma unroll
-                for (int g = 0; g < GMAX; g++) {
-                    if (g >= GC) break;
-                    float part = 0.0f;
-#pragma unroll
-                    for (int e = 0; e < DPL; e++) part += Q[g * D + e] * y[e];
-                    float sc = lcu_warp_sum<32>(part);
-                    if (p.softcap > 0.0f) sc = p.softcap * tanhf(sc / p.softcap) * LCU_LOG2E;
-                    if (lane == i) se[g] = lcu_log2_add(se[g], sc);
-                }
+            for (int g = 0; g < GMAX; g++) {
+                if (g >= GC) break;
+                float sc = acc[g];
+                if (p.softcap > 0.0f) sc = p.softcap * tanhf(sc / p.softcap) * LCU_LOG2E;
+                se[g] = lcu_log2_add(se[g], sc);
             }
         }
         /* one online-softmax step for the tile, then P.V */
