@@ -169,12 +169,14 @@ def test_decode_step_equals_row_of_longer_call():
 
 
 @pytest.mark.parametrize("D, rotary_dim, layout", [(128, 128, "interleaved"), (128, 96, "half"), (64, 36, "half"),
-                                                   (64, 36, "interleaved"), (128, 32, "half")])
-@pytest.mark.parametrize("Lq", [1, 4])
-def test_row_kernel_rotary_layouts(D, rotary_dim, layout, Lq):
+                                                   (64, 36, "interleaved"), (128, 32, "half"), (128, 36, "half"),
+                                                   (256, 52, "half")])
+@pytest.mark.parametrize("Lq", [1, 4, 150])
+def test_rotary_layouts_and_partial_rotary(D, rotary_dim, layout, Lq):
     """The row kernel's three score paths (rotate-half or interleaved dims in groups of 8, and one
-    pair at a time when they do not group: rotary_dim 36) and partial rotary, with a left-padded
-    row and soft-capping, against the float64 reference."""
+    pair at a time when they do not group: rotary_dim 36 or 52) and partial rotary, with a
+    left-padded row and soft-capping, against the float64 reference; and (Lq = 150) the same
+    layouts through the tiled kernel."""
     L = 150
     q, k, v = make(2, 8, 2, Lq, L, D, torch.bfloat16, seed=D + rotary_dim + Lq)
     f = inv_freq(rotary_dim)
@@ -185,7 +187,11 @@ def test_row_kernel_rotary_layouts(D, rotary_dim, layout, Lq):
     want, want_lse = reference.attention(q.double().numpy(), k.double().numpy(), v.double().numpy(), cfg, f,
                                          return_lse=True, **kw)
     kw["key_padding_mask"] = mask.to(DEV)
-    out, lse = lampe.attention(q.to(DEV), k.to(DEV), v.to(DEV), config=cfg, inv_freq=f, return_lse=True, **kw)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out, lse = lampe.attention(q.to(DEV), k.to(DEV), v.to(DEV), config=cfg, inv_freq=f, return_lse=True, **kw)
+        torch.cuda.synchronize()
+    kernel = "lcu_decode_kernel" if Lq <= 8 else "lcu_prefill_kernel"
+    assert any(kernel in e.name for e in prof.events()), "lampe's kernel did not run (the torch fallback did)"
     torch.testing.assert_close(out.float().cpu(), torch.from_numpy(want).float(), atol=3e-2, rtol=3e-2)
     torch.testing.assert_close(lse.cpu(), torch.from_numpy(want_lse).float(), atol=3e-2, rtol=3e-2)
 

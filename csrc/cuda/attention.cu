@@ -45,10 +45,8 @@ extern "C" size_t lampe_cuda_attention_workspace(const lampe_cuda_attn_params *p
 extern "C" int lampe_cuda_attention_supported(int64_t head_dim, int64_t group, int64_t rotary_dim, int interleaved)
 {
     if (head_dim != 64 && head_dim != 128 && head_dim != 256) return 0;
+    (void)interleaved; /* both layouts, any even rotary dim: the kernels pair dims per element */
     if (group < 1 || rotary_dim < 0 || rotary_dim > head_dim || rotary_dim % 2) return 0;
-    /* the row kernel finds a rotate-half partner one shuffle away: rotary_dim / 2 must be a
-     * whole number of lanes' dims (head_dim / 32 each) */
-    if (!interleaved && (rotary_dim / 2) % (head_dim / 32)) return 0;
     return 1;
 }
 

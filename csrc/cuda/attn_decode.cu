@@ -6,17 +6,15 @@
  * up to GMAX query heads of one KV head (K and V are read once for the whole group, never
  * repeated per query head) x one contiguous share ("split") of the row's key range [0, kend].
  * Each of the 4 warps walks tiles of 32 keys, staged by cp.async into its own shared-memory area
- * (K and V rows of the tile in flight at once, not one dependent load per key): for every key it
- * rotates the key in registers by
- * the position of each region that contains it (so a key visited twice - prompt rows at d = H
- * and d = L - R - counts twice, as in the reference), dots it with the G rotated queries, then
- * one online-softmax step per tile and P.V accumulation in float32. cos/sin are recomputed only
- * when the key position changes (mapped keys come in runs of about L / U equal positions), with
- * lcu_cossin_fast.
- * Warps merge in shared memory; splits merge in lcu_merge_kernel.
+ * (all rows of the tile in flight at once; V lands while the scores are computed).
  *
- * Lane ownership: lane l holds dims [l * DPL, (l + 1) * DPL), DPL = D / 32; the rotate-half
- * partner of a dim lives (rotary_dim / 2) / DPL lanes away and arrives by one shuffle per word.
+ * Scores: lane i owns key kb + i. For every region that contains the key it rotates the key by
+ * the region's key position (own, or mapped m(j - shift)) with lcu_cossin_fast and dots it with
+ * that region's rotated, scaled queries (float32, shared memory, read as broadcasts); a key in
+ * two regions (prompt rows at d = H and d = L - R) is visited twice, as in the reference. Then one
+ * online-softmax step per tile and head, and P.V with lane l holding dims [l * DPL, (l + 1) * DPL),
+ * DPL = D / 32, the probabilities arriving by shuffle. Warps merge in shared memory; splits merge
+ * in lcu_merge_kernel.
  */
 #include "internal.cuh"
 #include "mma.cuh"
@@ -185,15 +183,22 @@ __global__ void __launch_bounds__(DEC_WARPS * 32, 1) lcu_decode_kernel(const lam
 
     for (int64_t kb = c0 + DEC_TILE * warp; kb < c1; kb += DEC_TILE * DEC_WARPS) {
         const int nk = (int)(c1 - kb < DEC_TILE ? c1 - kb : DEC_TILE);
+        /* K and V of the tile in two copy groups: the scores need only K, so V keeps arriving
+         * while they are computed */
         for (int c = lane; c < DEC_TILE * (D / 8); c += 32) {
             const int r = c / (D / 8), col = (c % (D / 8)) * 8;
             const int64_t jr = off + kb + (r < nk ? r : 0);
             lcu_cp_async16(Kt + r * LDK + col, kbase + jr * p.k_stride[2] + col, r < nk ? 16 : 0);
+        }
+        lcu_cp_async_commit();
+        for (int c = lane; c < DEC_TILE * (D / 8); c += 32) {
+            const int r = c / (D / 8), col = (c % (D / 8)) * 8;
+            const int64_t jr = off + kb + (r < nk ? r : 0);
             lcu_cp_async16(Vt + r * D + col, vbase + jr * p.v_stride[2] + col, r < nk ? 16 : 0);
         }
         lcu_cp_async_commit();
-        lcu_cp_async_wait<0>();
-        __syncwarp();
+        lcu_cp_async_wait<1>(); /* this lane's K copies have landed */
+        __syncwarp();           /* ... and every lane's */
         /* scores, one key per lane: lane i rotates key kb + i by the position of each region that
          * holds it and dots it with that region's rotated queries; se[g] = log2-sum-exp of its
          * visits (a key in two regions counts twice). Independent lanes: no shuffle chains. */
@@ -302,6 +307,8 @@ __global__ void __launch_bounds__(DEC_WARPS * 32, 1) lcu_decode_kernel(const lam
 #pragma unroll
             for (int e = 0; e < DPL; e++) O[g][e] *= alpha;
         }
+        lcu_cp_async_wait<0>(); /* V of the tile */
+        __syncwarp();
         for (int i = 0; i < nk; i++) {
             uint32_t w[DPL / 2];
             lcu_load_words<T, DPL>(Vt + i * D + d0, w);

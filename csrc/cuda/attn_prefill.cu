@@ -1,15 +1,17 @@
 /*
  * attn_prefill.cu - the tiled tensor-core kernel for prompt rows (FlashAttention-2 style).
  *
- * One CTA = BQ query rows of one query head (NWARPS warps x 16 rows; lcu_prefill_shape). Each
- * region kind is a "slot"
+ * One CTA = BQ query rows of one query head; each of its NWARPS warps owns MT row tiles of 16
+ * (rows mt * 16 * NWARPS + warp * 16 + 0..15), so every K or V fragment a warp loads from
+ * shared memory feeds MT tensor-core products (lcu_prefill_shape). Each region kind is a "slot"
  * (plan.cuh): slot 0 keys at true positions (local, or the whole causal range), slot 1 keys at
- * mapped positions, slot 2 the sink (true positions, shifted query). The CTA rotates its query
- * rows once per present slot into shared memory (amplitude s^2 on the rotated dims), then walks
- * the key blocks of every slot's key range in one sequence - keys come pre-rotated from k_true /
- * k_map (rope.cu, once per call) - with a double-buffered cp.async pipeline. Every block feeds
- * one online softmax per row (log2 units), so the row's result is one exact softmax over the
- * multiset of its (region, key) visits; a key in two regions is visited twice.
+ * mapped positions, slot 2 the sink (true positions, shifted query). The CTA walks the key
+ * blocks of every slot's key range in one sequence, slot by slot - keys come pre-rotated from
+ * k_true / k_map (rope.cu, once per call) - with a double-buffered cp.async pipeline; when the
+ * slot changes it rotates its query rows for the new slot into its one query tile in shared
+ * memory (amplitude s^2 on the rotated dims; at most three times per CTA). Every block feeds one
+ * online softmax per row (log2 units), so the row's result is one exact softmax over the multiset
+ * of its (region, key) visits; a key in two regions is visited twice.
  *
  * Masks: a block is "full" when every row of the tile sees every key of it in that slot (no mask,
  * no checks); otherwise each score outside the row's [lo, hi] becomes -inf by selection (a NaN
@@ -23,22 +25,22 @@
 #include "internal.cuh"
 #include "mma.cuh"
 
-/* Tile shapes per head dim: BQ query rows (NWARPS warps x 16 rows), BK keys per block, STAGES
- * key/value buffers. 128 rows x 8 warps where the three rotated query tiles and two stages fit in
- * shared memory (174 KB at D = 128): one CTA per SM, but 8 warps to hide the ldmatrix -> mma
- * latencies (64 rows x 4 warps left one warp per scheduler: about 90 TFLOP/s on an H200), and
- * each key block loaded once for 128 rows. D = 256 keeps 64 x 4 (the tiles would not fit). */
+/* Tile shapes per head dim: BQ query rows = MT x NWARPS x 16, BK keys per block, STAGES key/value
+ * buffers. Measured on an H200 (bench/attention_cuda.py, docs/cuda.md): 64 rows x 4 warps with
+ * the three slots' query tiles resident (1 CTA and 4 warps per SM) ran at ~90 TFLOP/s, 128 x 8
+ * warps at ~140; here one query tile, two row tiles per warp and 4 warps leave room for two CTAs
+ * (8 warps) per SM with half the shared-memory reads per product. */
 template <int D> struct lcu_prefill_shape;
-template <> struct lcu_prefill_shape<64> { static constexpr int BQ = 128, NWARPS = 8, BK = 64, STAGES = 2; };
-template <> struct lcu_prefill_shape<128> { static constexpr int BQ = 128, NWARPS = 8, BK = 64, STAGES = 2; };
-template <> struct lcu_prefill_shape<256> { static constexpr int BQ = 64, NWARPS = 4, BK = 32, STAGES = 1; };
+template <> struct lcu_prefill_shape<64> { static constexpr int BQ = 128, NWARPS = 4, BK = 64, STAGES = 2; };
+template <> struct lcu_prefill_shape<128> { static constexpr int BQ = 128, NWARPS = 4, BK = 32, STAGES = 2; };
+template <> struct lcu_prefill_shape<256> { static constexpr int BQ = 64, NWARPS = 4, BK = 32, STAGES = 2; };
 
 template <int D> __host__ __device__ constexpr int lcu_lds() { return D + 8; } /* padded rows: ldmatrix without bank conflicts */
 
 template <typename T, int D> constexpr size_t lcu_prefill_smem()
 {
     using S = lcu_prefill_shape<D>;
-    return sizeof(T) * (size_t)lcu_lds<D>() * (3 * S::BQ + 2 * S::STAGES * S::BK);
+    return sizeof(T) * (size_t)lcu_lds<D>() * (S::BQ + 2 * S::STAGES * S::BK);
 }
 
 template <int BQ> struct lcu_tile_info {
@@ -51,16 +53,18 @@ template <int BQ> struct lcu_tile_info {
 };
 
 template <typename T, int D>
-__global__ void __launch_bounds__(lcu_prefill_shape<D>::NWARPS * 32, 1)
+__global__ void __launch_bounds__(lcu_prefill_shape<D>::NWARPS * 32, 2)
     lcu_prefill_kernel(const lampe_cuda_attn_params p, const T *__restrict__ k_true, const T *__restrict__ k_map)
 {
     constexpr int BQ = lcu_prefill_shape<D>::BQ, NWARPS = lcu_prefill_shape<D>::NWARPS;
     constexpr int BK = lcu_prefill_shape<D>::BK, STAGES = lcu_prefill_shape<D>::STAGES, LDS = lcu_lds<D>();
-    constexpr int NT = BK / 8; /* score tiles of 8 keys per warp row block */
-    constexpr int DT = D / 8;  /* output tiles of 8 dims                   */
+    constexpr int MT = BQ / (16 * NWARPS); /* row tiles per warp */
+    constexpr int NT = BK / 8;             /* score tiles of 8 keys per row tile */
+    constexpr int DT = D / 8;              /* output tiles of 8 dims             */
+    static_assert(MT * 16 * NWARPS == BQ, "BQ must be a multiple of 16 x NWARPS");
     extern __shared__ __align__(16) unsigned char lcu_smem[];
-    T *Qs = reinterpret_cast<T *>(lcu_smem);
-    T *Ks = Qs + 3 * BQ * LDS;
+    T *Qs = reinterpret_cast<T *>(lcu_smem); /* [BQ][LDS]: the query rows rotated for one slot */
+    T *Ks = Qs + BQ * LDS;
     T *Vs = Ks + STAGES * BK * LDS;
     __shared__ lcu_tile_info<BQ> ti;
     __shared__ int vbad[BK];
@@ -73,12 +77,12 @@ __global__ void __launch_bounds__(lcu_prefill_shape<D>::NWARPS * 32, 1)
     const int64_t off = seq.key_offset;
 
     /* 1. the rows' regions, per slot */
-    if (tid < BQ) {
-        const int64_t t = t0 + tid;
+    for (int row = tid; row < BQ; row += NWARPS * 32) {
+        const int64_t t = t0 + row;
         for (int s = 0; s < LCU_SLOTS; s++) {
-            ti.lo[s][tid] = 1;
-            ti.hi[s][tid] = 0;
-            ti.qpos[s][tid] = 0;
+            ti.lo[s][row] = 1;
+            ti.hi[s][row] = 0;
+            ti.qpos[s][row] = 0;
         }
         int flags = 0;
         if (t < p.prefill_rows && t < p.q_len) {
@@ -88,13 +92,13 @@ __global__ void __launch_bounds__(lcu_prefill_shape<D>::NWARPS * 32, 1)
                 lcu_region regs[LCU_SLOTS];
                 const int n = lcu_row_regions(&seq, pos, regs);
                 for (int r = 0; r < n; r++) {
-                    ti.lo[regs[r].slot][tid] = (int)regs[r].lo;
-                    ti.hi[regs[r].slot][tid] = (int)regs[r].hi;
-                    ti.qpos[regs[r].slot][tid] = regs[r].qpos;
+                    ti.lo[regs[r].slot][row] = (int)regs[r].lo;
+                    ti.hi[regs[r].slot][row] = (int)regs[r].hi;
+                    ti.qpos[regs[r].slot][row] = regs[r].qpos;
                 }
             }
         }
-        ti.flags[tid] = flags;
+        ti.flags[row] = flags;
     }
     __syncthreads();
     if (tid < LCU_SLOTS) {
@@ -122,13 +126,12 @@ __global__ void __launch_bounds__(lcu_prefill_shape<D>::NWARPS * 32, 1)
     for (int r = 0; r < BQ; r++) any_row |= ti.flags[r] != 0;
     if (!any_row) return; /* every row belongs to the row kernel (or lies past Lq) */
 
-    /* 2. rotate the query rows once per present slot (s^2 on rotated dims), zeros elsewhere */
+    /* 2. the query rows rotated for slot s (s^2 on rotated dims), zeros where the row has no
+     * region of that slot; called by every thread, between barriers */
     const float qamp = p.kind != LAMPE_CUDA_CAUSAL ? p.amplitude * p.amplitude : 1.0f;
     const int n2 = (int)(p.rotary_dim / 2), per_row = n2 + D - (int)p.rotary_dim;
     const T zero = lcu_elem<T>::from_float(0.0f);
-    for (int s = 0; s < LCU_SLOTS; s++) {
-        T *Q = Qs + s * BQ * LDS;
-        if (!ti.nblk[s]) continue;
+    auto rotate_queries = [&](int s) {
         for (int idx = tid; idx < BQ * per_row; idx += NWARPS * 32) {
             const int r = idx / per_row, e = idx % per_row;
             const int64_t t = t0 + r;
@@ -136,22 +139,22 @@ __global__ void __launch_bounds__(lcu_prefill_shape<D>::NWARPS * 32, 1)
             const T *src = static_cast<const T *>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + t * p.q_stride[2];
             if (e >= n2) {
                 const int d = (int)p.rotary_dim + (e - n2);
-                Q[r * LDS + d] = live ? src[d] : zero;
+                Qs[r * LDS + d] = live ? src[d] : zero;
                 continue;
             }
             int d1, d2;
             lcu_pair_dims(e, (int)p.rotary_dim, p.interleaved, &d1, &d2);
             if (!live) {
-                Q[r * LDS + d1] = Q[r * LDS + d2] = zero;
+                Qs[r * LDS + d1] = Qs[r * LDS + d2] = zero;
                 continue;
             }
             float c, sn;
             lcu_cossin(ti.qpos[s][r], p.inv_freq[e], qamp, &c, &sn);
             const float x1 = lcu_elem<T>::to_float(src[d1]), x2 = lcu_elem<T>::to_float(src[d2]);
-            Q[r * LDS + d1] = lcu_elem<T>::from_float(x1 * c - x2 * sn);
-            Q[r * LDS + d2] = lcu_elem<T>::from_float(x2 * c + x1 * sn);
+            Qs[r * LDS + d1] = lcu_elem<T>::from_float(x1 * c - x2 * sn);
+            Qs[r * LDS + d2] = lcu_elem<T>::from_float(x2 * c + x1 * sn);
         }
-    }
+    };
 
     /* 3. the block sequence: slot by slot, key blocks of BK own positions */
     const int64_t kv_base = (b * p.kv_heads + kvh) * p.kv_len * D;
@@ -178,13 +181,18 @@ __global__ void __launch_bounds__(lcu_prefill_shape<D>::NWARPS * 32, 1)
         lcu_cp_async_commit();
     };
 
-    float O[DT][4];
+    float O[MT][DT][4];
+    float m_run[MT][2], l_run[MT][2];
 #pragma unroll
-    for (int i = 0; i < DT; i++) O[i][0] = O[i][1] = O[i][2] = O[i][3] = 0.0f;
-    float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};
+    for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+        for (int i = 0; i < DT; i++) O[mt][i][0] = O[mt][i][1] = O[mt][i][2] = O[mt][i][3] = 0.0f;
+        m_run[mt][0] = m_run[mt][1] = -INFINITY;
+        l_run[mt][0] = l_run[mt][1] = 0.0f;
+    }
     const int g = lane >> 2, c4 = lane & 3;
-    const int r0 = warp * 16 + g, r1 = r0 + 8;
     const float sl2 = p.softcap > 0.0f ? p.scale : p.scale * LCU_LOG2E;
+    int qslot = -1; /* the slot Qs holds */
 
     if (STAGES == 2 && total > 0) load_block(0, 0);
     for (int it = 0; it < total; it++) {
@@ -198,9 +206,13 @@ __global__ void __launch_bounds__(lcu_prefill_shape<D>::NWARPS * 32, 1)
         } else {
             lcu_cp_async_wait<0>();
         }
-        __syncthreads();
         int s, k0;
         block_at(it, &s, &k0);
+        if (s != qslot) { /* CTA-uniform; every warp finished with the old tile at the last barrier */
+            rotate_queries(s);
+            qslot = s;
+        }
+        __syncthreads();
         const int k1 = k0 + BK - 1;
         const bool full = ti.lo_max[s] <= k0 && ti.hi_min[s] >= k1;
         T *Kst = Ks + stage * BK * LDS, *Vst = Vs + stage * BK * LDS;
@@ -217,126 +229,156 @@ __global__ void __launch_bounds__(lcu_prefill_shape<D>::NWARPS * 32, 1)
             }
             __syncthreads();
         }
-        const int lo0 = ti.lo[s][r0], hi0 = ti.hi[s][r0], lo1 = ti.lo[s][r1], hi1 = ti.hi[s][r1];
-        const bool mine = (lo0 <= hi0 && lo0 <= k1 && hi0 >= k0) || (lo1 <= hi1 && lo1 <= k1 && hi1 >= k0);
-        if (__any_sync(0xffffffffu, mine)) {
-            const T *Qw = Qs + s * BQ * LDS + warp * 16 * LDS;
-            float S[NT][4];
+        int lo[MT][2], hi[MT][2];
+        bool mine = false;
 #pragma unroll
-            for (int i = 0; i < NT; i++) S[i][0] = S[i][1] = S[i][2] = S[i][3] = 0.0f;
+        for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+            for (int rr = 0; rr < 2; rr++) {
+                const int row = mt * 16 * NWARPS + warp * 16 + g + 8 * rr;
+                lo[mt][rr] = ti.lo[s][row];
+                hi[mt][rr] = ti.hi[s][row];
+                mine |= lo[mt][rr] <= hi[mt][rr] && lo[mt][rr] <= k1 && hi[mt][rr] >= k0;
+            }
+        if (__any_sync(0xffffffffu, mine)) {
+            float S[MT][NT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                for (int i = 0; i < NT; i++) S[mt][i][0] = S[mt][i][1] = S[mt][i][2] = S[mt][i][3] = 0.0f;
 #pragma unroll
             for (int kk = 0; kk < D / 16; kk++) {
-                uint32_t a[4];
-                lcu_ldmatrix_x4(a, Qw + (lane & 15) * LDS + kk * 16 + (lane >> 4) * 8);
+                uint32_t a[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++)
+                    lcu_ldmatrix_x4(a[mt], Qs + (mt * 16 * NWARPS + warp * 16 + (lane & 15)) * LDS + kk * 16 +
+                                               (lane >> 4) * 8);
 #pragma unroll
                 for (int np = 0; np < BK / 16; np++) {
                     uint32_t bf[4];
                     lcu_ldmatrix_x4(bf, Kst + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * LDS + kk * 16 +
                                             ((lane >> 3) & 1) * 8);
-                    lcu_mma<T>::run(S[2 * np], a, bf[0], bf[1]);
-                    lcu_mma<T>::run(S[2 * np + 1], a, bf[2], bf[3]);
+#pragma unroll
+                    for (int mt = 0; mt < MT; mt++) {
+                        lcu_mma<T>::run(S[mt][2 * np], a[mt], bf[0], bf[1]);
+                        lcu_mma<T>::run(S[mt][2 * np + 1], a[mt], bf[2], bf[3]);
+                    }
                 }
             }
             /* scale (and soft-cap) into log2 units; mask by selection */
 #pragma unroll
-            for (int nt = 0; nt < NT; nt++)
+            for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    float x = S[nt][e] * sl2;
-                    if (p.softcap > 0.0f) x = p.softcap * tanhf(x / p.softcap) * LCU_LOG2E;
-                    if (!full) {
-                        const int kl = nt * 8 + 2 * c4 + (e & 1), key = k0 + kl;
-                        const int lo = e < 2 ? lo0 : lo1, hi = e < 2 ? hi0 : hi1;
-                        x = (key >= lo && key <= hi) ? (vbad[kl] ? __int_as_float(0x7fc00000) : x) : -INFINITY;
+                for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        float x = S[mt][nt][e] * sl2;
+                        if (p.softcap > 0.0f) x = p.softcap * tanhf(x / p.softcap) * LCU_LOG2E;
+                        if (!full) {
+                            const int kl = nt * 8 + 2 * c4 + (e & 1), key = k0 + kl;
+                            const int l = lo[mt][e >> 1], u = hi[mt][e >> 1];
+                            x = (key >= l && key <= u) ? (vbad[kl] ? __int_as_float(0x7fc00000) : x) : -INFINITY;
+                        }
+                        S[mt][nt][e] = x;
                     }
-                    S[nt][e] = x;
-                }
-            /* online softmax for rows r0 (e = 0, 1) and r1 (e = 2, 3) */
+            /* online softmax for each row: (mt, rr) holds e = 2 rr, 2 rr + 1 */
 #pragma unroll
-            for (int rr = 0; rr < 2; rr++) {
-                float mx = -INFINITY;
+            for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-                for (int nt = 0; nt < NT; nt++) mx = lcu_nanmax(mx, lcu_nanmax(S[nt][2 * rr], S[nt][2 * rr + 1]));
-                mx = lcu_nanmax(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = lcu_nanmax(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                const float mnew = lcu_nanmax(m_run[rr], mx);
-                float alpha = 1.0f, sum = 0.0f;
-                if (mnew == -INFINITY) { /* nothing attended yet: P = 0, no rescale */
+                for (int rr = 0; rr < 2; rr++) {
+                    float mx = -INFINITY;
 #pragma unroll
-                    for (int nt = 0; nt < NT; nt++) S[nt][2 * rr] = S[nt][2 * rr + 1] = 0.0f;
-                } else {
-                    alpha = exp2f(m_run[rr] - mnew);
+                    for (int nt = 0; nt < NT; nt++)
+                        mx = lcu_nanmax(mx, lcu_nanmax(S[mt][nt][2 * rr], S[mt][nt][2 * rr + 1]));
+                    mx = lcu_nanmax(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                    mx = lcu_nanmax(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                    const float mnew = lcu_nanmax(m_run[mt][rr], mx);
+                    float alpha = 1.0f, sum = 0.0f;
+                    if (mnew == -INFINITY) { /* nothing attended yet: P = 0, no rescale */
 #pragma unroll
-                    for (int nt = 0; nt < NT; nt++) {
-                        S[nt][2 * rr] = exp2f(S[nt][2 * rr] - mnew);
-                        S[nt][2 * rr + 1] = exp2f(S[nt][2 * rr + 1] - mnew);
-                        sum += S[nt][2 * rr] + S[nt][2 * rr + 1];
+                        for (int nt = 0; nt < NT; nt++) S[mt][nt][2 * rr] = S[mt][nt][2 * rr + 1] = 0.0f;
+                    } else {
+                        alpha = exp2f(m_run[mt][rr] - mnew);
+#pragma unroll
+                        for (int nt = 0; nt < NT; nt++) {
+                            S[mt][nt][2 * rr] = exp2f(S[mt][nt][2 * rr] - mnew);
+                            S[mt][nt][2 * rr + 1] = exp2f(S[mt][nt][2 * rr + 1] - mnew);
+                            sum += S[mt][nt][2 * rr] + S[mt][nt][2 * rr + 1];
+                        }
+                    }
+                    l_run[mt][rr] = l_run[mt][rr] * alpha + sum;
+                    m_run[mt][rr] = mnew;
+#pragma unroll
+                    for (int dt = 0; dt < DT; dt++) {
+                        O[mt][dt][2 * rr] *= alpha;
+                        O[mt][dt][2 * rr + 1] *= alpha;
                     }
                 }
-                l_run[rr] = l_run[rr] * alpha + sum;
-                m_run[rr] = mnew;
-#pragma unroll
-                for (int dt = 0; dt < DT; dt++) {
-                    O[dt][2 * rr] *= alpha;
-                    O[dt][2 * rr + 1] *= alpha;
-                }
-            }
             /* O += P . V over 16 keys at a time (P's C fragments are V's A fragments) */
 #pragma unroll
             for (int kk = 0; kk < BK / 16; kk++) {
-                uint32_t a[4];
-                a[0] = lcu_elem<T>::pack2(S[2 * kk][0], S[2 * kk][1]);
-                a[1] = lcu_elem<T>::pack2(S[2 * kk][2], S[2 * kk][3]);
-                a[2] = lcu_elem<T>::pack2(S[2 * kk + 1][0], S[2 * kk + 1][1]);
-                a[3] = lcu_elem<T>::pack2(S[2 * kk + 1][2], S[2 * kk + 1][3]);
+                uint32_t a[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    a[mt][0] = lcu_elem<T>::pack2(S[mt][2 * kk][0], S[mt][2 * kk][1]);
+                    a[mt][1] = lcu_elem<T>::pack2(S[mt][2 * kk][2], S[mt][2 * kk][3]);
+                    a[mt][2] = lcu_elem<T>::pack2(S[mt][2 * kk + 1][0], S[mt][2 * kk + 1][1]);
+                    a[mt][3] = lcu_elem<T>::pack2(S[mt][2 * kk + 1][2], S[mt][2 * kk + 1][3]);
+                }
 #pragma unroll
                 for (int dp = 0; dp < D / 16; dp++) {
                     uint32_t bf[4];
                     lcu_ldmatrix_x4_trans(bf, Vst + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS + dp * 16 +
                                                   (lane >> 4) * 8);
-                    lcu_mma<T>::run(O[2 * dp], a, bf[0], bf[1]);
-                    lcu_mma<T>::run(O[2 * dp + 1], a, bf[2], bf[3]);
+#pragma unroll
+                    for (int mt = 0; mt < MT; mt++) {
+                        lcu_mma<T>::run(O[mt][2 * dp], a[mt], bf[0], bf[1]);
+                        lcu_mma<T>::run(O[mt][2 * dp + 1], a[mt], bf[2], bf[3]);
+                    }
                 }
             }
         }
-        __syncthreads(); /* this stage is refilled two iterations on */
+        __syncthreads(); /* this stage is refilled, and Qs may be rewritten, from here on */
     }
 
     /* 4. finish: O / l, NaN policy, write rows this kernel owns */
 #pragma unroll
-    for (int rr = 0; rr < 2; rr++) {
-        float l = l_run[rr];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        const int r = rr ? r1 : r0;
-        const int flags = ti.flags[r];
-        const int64_t t = t0 + r;
-        const float m = m_run[rr];
-        const bool nan_row = (flags & 2) || l != l || m != m;
-        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-        bool finite = true;
+    for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-        for (int dt = 0; dt < DT; dt++) {
-            O[dt][2 * rr] *= inv;
-            O[dt][2 * rr + 1] *= inv;
-            finite &= isfinite(O[dt][2 * rr]) && isfinite(O[dt][2 * rr + 1]);
-        }
-        finite &= __shfl_xor_sync(0xffffffffu, (int)finite, 1) != 0;
-        finite &= __shfl_xor_sync(0xffffffffu, (int)finite, 2) != 0;
-        if (!(flags & 1)) continue;
-        const float qnan = __int_as_float(0x7fc00000);
-        T *dst = static_cast<T *>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + t * p.out_stride[2];
+        for (int rr = 0; rr < 2; rr++) {
+            float l = l_run[mt][rr];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            const int r = mt * 16 * NWARPS + warp * 16 + g + 8 * rr;
+            const int flags = ti.flags[r];
+            const int64_t t = t0 + r;
+            const float m = m_run[mt][rr];
+            const bool nan_row = (flags & 2) || l != l || m != m;
+            const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+            bool finite = true;
 #pragma unroll
-        for (int dt = 0; dt < DT; dt++) {
-            const int d = dt * 8 + 2 * c4;
-            const float x0 = nan_row || !finite ? qnan : O[dt][2 * rr], x1 = nan_row || !finite ? qnan : O[dt][2 * rr + 1];
-            *reinterpret_cast<uint32_t *>(dst + d) = lcu_elem<T>::pack2(x0, x1);
+            for (int dt = 0; dt < DT; dt++) {
+                O[mt][dt][2 * rr] *= inv;
+                O[mt][dt][2 * rr + 1] *= inv;
+                finite &= isfinite(O[mt][dt][2 * rr]) && isfinite(O[mt][dt][2 * rr + 1]);
+            }
+            finite &= __shfl_xor_sync(0xffffffffu, (int)finite, 1) != 0;
+            finite &= __shfl_xor_sync(0xffffffffu, (int)finite, 2) != 0;
+            if (!(flags & 1)) continue;
+            const float qnan = __int_as_float(0x7fc00000);
+            T *dst = static_cast<T *>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + t * p.out_stride[2];
+#pragma unroll
+            for (int dt = 0; dt < DT; dt++) {
+                const int d = dt * 8 + 2 * c4;
+                const float x0 = nan_row || !finite ? qnan : O[mt][dt][2 * rr];
+                const float x1 = nan_row || !finite ? qnan : O[mt][dt][2 * rr + 1];
+                *reinterpret_cast<uint32_t *>(dst + d) = lcu_elem<T>::pack2(x0, x1);
+            }
+            if (c4 == 0 && p.lse) {
+                const float lse = nan_row ? qnan : (l > 0.0f ? (m + log2f(l)) * LCU_LN2 : -INFINITY);
+                p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + t * p.lse_stride[2]] = lse;
+            }
         }
-        if (c4 == 0 && p.lse) {
-            const float lse = nan_row ? qnan : (l > 0.0f ? (m + log2f(l)) * LCU_LN2 : -INFINITY);
-            p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + t * p.lse_stride[2]] = lse;
-        }
-    }
 }
 
 template <typename T, int D> static int lcu_prefill_launch(const lampe_cuda_attn_params *p, const lcu_workspace *ws,
