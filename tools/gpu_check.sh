@@ -5,7 +5,7 @@
 #      MAX_JOBS = the cores);
 #   2. tests/test_cuda.py with LAMPE_REQUIRE_CUDA=1 (a missing extension fails), and
 #      tests/test_cuda_host.py;
-#   3. compute-sanitizer --tool memcheck on one small case;
+#   3. compute-sanitizer --tool memcheck and --tool racecheck on one small case;
 #   4. bench/attention_cuda.py --quick (BENCH_ARGS="" for the full one, BENCH_TIMEOUT seconds).
 # Logs and results go to $OUT when set (else build/gpu_check). Exit status: non-zero if the build,
 # the tests or the sanitizer failed.
@@ -49,6 +49,10 @@ if command -v compute-sanitizer > /dev/null; then
     LAMPE_REQUIRE_CUDA=1 timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 \
         $PY -m pytest -q tests/test_cuda.py -k sanitizer -p no:cacheprovider > "$LOG/sanitizer.log" 2>&1 || status=1
     grep -E "ERROR SUMMARY|passed|failed" "$LOG/sanitizer.log" | tail -3 | tee -a "$LOG/summary.txt"
+    # shared-memory hazards (the prompt kernel rewrites its query tile between key blocks)
+    LAMPE_REQUIRE_CUDA=1 timeout 120 compute-sanitizer --tool racecheck --error-exitcode 9 \
+        $PY -m pytest -q tests/test_cuda.py -k sanitizer -p no:cacheprovider >> "$LOG/sanitizer.log" 2>&1 || status=1
+    grep -E "RACECHECK SUMMARY|ERROR SUMMARY|passed|failed" "$LOG/sanitizer.log" | tail -2 | tee -a "$LOG/summary.txt"
 else
     echo "compute-sanitizer not found: skipped" | tee -a "$LOG/summary.txt"
 fi
