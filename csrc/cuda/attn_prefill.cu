@@ -26,10 +26,11 @@
 #include "mma.cuh"
 
 /* Tile shapes per head dim: BQ query rows = MT x NWARPS x 16, BK keys per block, STAGES key/value
- * buffers. Measured on an H200 (bench/attention_cuda.py, docs/cuda.md): 64 rows x 4 warps with
- * the three slots' query tiles resident (1 CTA and 4 warps per SM) ran at ~90 TFLOP/s, 128 x 8
- * warps at ~140; here one query tile, two row tiles per warp and 4 warps leave room for two CTAs
- * (8 warps) per SM with half the shared-memory reads per product. */
+ * buffers. One query tile, two row tiles per warp and 4 warps leave room for two CTAs (8 warps)
+ * per SM with half the shared-memory reads per product of 16-row warps. Measured on an H200 at
+ * L = 32K, D = 128 (bench/attention_cuda.py, docs/cuda.md): 64 rows x 4 warps with the three
+ * slots' query tiles resident (1 CTA, 4 warps per SM) 90 TFLOP/s; 128 rows x 8 warps 140; this
+ * shape 139 - halving the shared-memory reads did not help, so they are not what limits it. */
 template <int D> struct lcu_prefill_shape;
 template <> struct lcu_prefill_shape<64> { static constexpr int BQ = 128, NWARPS = 4, BK = 64, STAGES = 2; };
 template <> struct lcu_prefill_shape<128> { static constexpr int BQ = 128, NWARPS = 4, BK = 32, STAGES = 2; };
