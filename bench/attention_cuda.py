@@ -88,7 +88,7 @@ def peer_lampe(q, k, v, cfg, f, L):
     """LaMPE as peers write it: per-region rotations, one flash call per region, an LSE merge."""
     pl = lampe.plan(L, cfg)
     H, R, b1, b2 = cfg.window, pl.sink_size, pl.bias_map, pl.bias_sink
-    m = torch.as_tensor(pl.mapped_ids, device=q.device)
+    m = torch.as_tensor(np.array(pl.mapped_ids), device=q.device)  # a copy: Plan arrays are read-only
     pos = torch.arange(L, device=q.device)
     s = cfg.temperature
     scale = 1.0 / math.sqrt(D)
