@@ -32,7 +32,7 @@ _cuda = None
 _reason = "torch is not installed" if torch is None else "not built (install with LAMPE_CUDA=1, docs/cuda.md)"
 _warned = set()
 
-#: The op schema lampe._cuda implements (CONTRACTS.md / docs/cuda.md).
+#: The op schema lampe._cuda implements (lampe/torch_ops.py, docs/cuda.md).
 SCHEMA_ARGS = ("(Tensor q, Tensor k, Tensor v, Tensor inv_freq, Tensor? prompt_length, Tensor? key_padding_mask, "
                "Tensor? query_start, str mode, int window, int sink, int mapping_length, float[] sigmoid, "
                "float temperature, float softcap, int rotary_dim, bool interleaved, float scale, int num_threads) "

@@ -150,7 +150,7 @@ int lampe_plan_regions(const lampe_plan *pl, int64_t i, lampe_region *out, int *
 int lampe_sigmoid_preset(const char *name, lampe_sigmoid *s)
 {
     if (!name || !s) return LAMPE_ERR_ARG;
-    /* The authors' constants (remap_uselen in llama_cache1.py), digit for digit. */
+    /* The authors' constants (their remap_uselen; docs/mapping_length.md), digit for digit. */
     if (!strcmp(name, "llama2")) {
         *s = (lampe_sigmoid){8.673006440952035e-05, -0.648012322406978, 2489.1055552214357, 8192, 1536};
     } else if (!strcmp(name, "llama3")) {

@@ -142,7 +142,7 @@ def read_lazyload(stem: Path, names: set[str]) -> dict:
     return out
 
 
-# R's compress = 2 and 3 records start with a type byte (connections.c, R_decompress2/3):
+# R's compress = 2 and 3 records start with a type byte (R's R_decompress2/3):
 # 'Z' raw LZMA2 with R's filter settings (preset 6), '2' bzip2, '1' zlib, '0' stored.
 _R_LZMA = [{"id": lzma.FILTER_LZMA2, "preset": 6}]
 _RECORD_TYPES = {b"Z": lambda b: lzma.decompress(b, format=lzma.FORMAT_RAW, filters=_R_LZMA),
