@@ -576,7 +576,7 @@ def main(argv=None):
                     help="CI smoke run: L 1024 2048, decode 4096, Hq=8 Hkv=2, short probes")
     ap.add_argument("--lengths", type=int, nargs="+", help="prompt lengths (default 2048 8192 32768)")
     ap.add_argument("--decode-lengths", type=int, nargs="*",
-                    help="decode cache lengths Lk (default 8192 32768 131072); pass none to skip decode")
+                    help="decode cache lengths Lk (default 8192 32768 131072); the flag with no values skips decode")
     ap.add_argument("--dtypes", nargs="+", choices=["float32", "bf16"], default=["float32", "bf16"])
     ap.add_argument("--isa", nargs="+", metavar="LEVEL",
                     help="time lampe at these kernel levels side by side ('all': every available one; float32 "
