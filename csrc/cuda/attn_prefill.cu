@@ -25,23 +25,23 @@
 #include "internal.cuh"
 #include "mma.cuh"
 
-/* Tile shapes per head dim: BQ query rows = MT x NWARPS x 16, BK keys per block, STAGES key/value
- * buffers. One query tile, two row tiles per warp and 4 warps leave room for two CTAs (8 warps)
+/* Tile shapes per head dim: BQ query rows = MT x NWARPS x 16, BK keys per block (key/value
+ * blocks are double-buffered). One query tile, two row tiles per warp and 4 warps leave room for two CTAs (8 warps)
  * per SM with half the shared-memory reads per product of 16-row warps. Measured on an H200 at
  * L = 32K, D = 128 (bench/attention_cuda.py, docs/cuda.md): 64 rows x 4 warps with the three
  * slots' query tiles resident (1 CTA, 4 warps per SM) 90 TFLOP/s; 128 rows x 8 warps 140; this
  * shape 139 - halving the shared-memory reads did not help, so they are not what limits it. */
 template <int D> struct lcu_prefill_shape;
-template <> struct lcu_prefill_shape<64> { static constexpr int BQ = 128, NWARPS = 4, BK = 64, STAGES = 2; };
-template <> struct lcu_prefill_shape<128> { static constexpr int BQ = 128, NWARPS = 4, BK = 32, STAGES = 2; };
-template <> struct lcu_prefill_shape<256> { static constexpr int BQ = 64, NWARPS = 4, BK = 32, STAGES = 2; };
+template <> struct lcu_prefill_shape<64> { static constexpr int BQ = 128, NWARPS = 4, BK = 64; };
+template <> struct lcu_prefill_shape<128> { static constexpr int BQ = 128, NWARPS = 4, BK = 32; };
+template <> struct lcu_prefill_shape<256> { static constexpr int BQ = 64, NWARPS = 4, BK = 32; };
 
 template <int D> __host__ __device__ constexpr int lcu_lds() { return D + 8; } /* padded rows: ldmatrix without bank conflicts */
 
 template <typename T, int D> constexpr size_t lcu_prefill_smem()
 {
     using S = lcu_prefill_shape<D>;
-    return sizeof(T) * (size_t)lcu_lds<D>() * (S::BQ + 2 * S::STAGES * S::BK);
+    return sizeof(T) * (size_t)lcu_lds<D>() * (S::BQ + 2 * 2 * S::BK); /* Q, then K and V x 2 stages */
 }
 
 template <int BQ> struct lcu_tile_info {
@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(lcu_prefill_shape<D>::NWARPS * 32, 2)
     lcu_prefill_kernel(const lampe_cuda_attn_params p, const T *__restrict__ k_true, const T *__restrict__ k_map)
 {
     constexpr int BQ = lcu_prefill_shape<D>::BQ, NWARPS = lcu_prefill_shape<D>::NWARPS;
-    constexpr int BK = lcu_prefill_shape<D>::BK, STAGES = lcu_prefill_shape<D>::STAGES, LDS = lcu_lds<D>();
+    constexpr int BK = lcu_prefill_shape<D>::BK, LDS = lcu_lds<D>();
     constexpr int MT = BQ / (16 * NWARPS); /* row tiles per warp */
     constexpr int NT = BK / 8;             /* score tiles of 8 keys per row tile */
     constexpr int DT = D / 8;              /* output tiles of 8 dims             */
@@ -66,7 +66,7 @@ __global__ void __launch_bounds__(lcu_prefill_shape<D>::NWARPS * 32, 2)
     extern __shared__ __align__(16) unsigned char lcu_smem[];
     T *Qs = reinterpret_cast<T *>(lcu_smem); /* [BQ][LDS]: the query rows rotated for one slot */
     T *Ks = Qs + BQ * LDS;
-    T *Vs = Ks + STAGES * BK * LDS;
+    T *Vs = Ks + 2 * BK * LDS;
     __shared__ lcu_tile_info<BQ> ti;
     __shared__ int vbad[BK];
 
@@ -195,13 +195,10 @@ __global__ void __launch_bounds__(lcu_prefill_shape<D>::NWARPS * 32, 2)
     const float sl2 = p.softcap > 0.0f ? p.scale : p.scale * LCU_LOG2E;
     int qslot = -1; /* the slot Qs holds */
 
-    if (STAGES == 2 && total > 0) load_block(0, 0);
+    if (total > 0) load_block(0, 0);
     for (int it = 0; it < total; it++) {
-        const int stage = STAGES == 2 ? (it & 1) : 0;
-        if (STAGES == 1) { /* one buffer: load, wait, compute */
-            load_block(it, 0);
-            lcu_cp_async_wait<0>();
-        } else if (it + 1 < total) { /* prefetch the next block into the other buffer */
+        const int stage = it & 1;
+        if (it + 1 < total) { /* prefetch the next block into the other buffer */
             load_block(it + 1, (it + 1) & 1);
             lcu_cp_async_wait<1>();
         } else {
