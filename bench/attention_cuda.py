@@ -1,5 +1,5 @@
-"""CUDA attention benchmark (`python bench/attention_cuda.py`, or `bench/attention.py --device cuda`
-once that script forwards to this module): Llama-3-8B attention shape (Hq=32, Hkv=8, D=128, bf16).
+"""CUDA attention benchmark (`python bench/attention_cuda.py`, or `bench/attention.py --device cuda`,
+which forwards its other flags here): Llama-3-8B attention shape (Hq=32, Hkv=8, D=128, bf16).
 
 Prompt, L in {8K, 32K, 128K} (--quick: 8K, 32K): lampe LaMPE vs lampe plain causal vs torch SDPA
 causal (flash backend) vs LaMPE as peers write it - one flash SDPA call per region with its
