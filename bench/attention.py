@@ -571,21 +571,17 @@ def print_tables(records, ratios, scaling, probes, args):
 # ---------------------------------------------------------------- main
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if "--device" in argv:  # the GPU benchmark is its own module: forward the other flags there
-        i = argv.index("--device")
-        device = argv[i + 1] if i + 1 < len(argv) else ""
-        if device not in ("cpu", "cuda"):
-            raise SystemExit(f"--device must be cpu or cuda, got {device!r}")
-        argv = argv[:i] + argv[i + 2:]
-        if device == "cuda":
-            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-            from attention_cuda import main as cuda_main
-            return cuda_main(argv)
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                    help="cuda: the GPU benchmark (bench/attention_cuda.py; its own flags: --quick, --json, "
-                         "--profile)")
+    device = argparse.ArgumentParser(add_help=False)
+    device.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: the GPU benchmark (bench/attention_cuda.py; its own flags: --quick, --json, "
+                             "--profile)")
+    known, rest = device.parse_known_args(argv)
+    if known.device == "cuda":  # the GPU benchmark is its own module: forward the other flags there
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from attention_cuda import main as cuda_main
+        return cuda_main(rest)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 parents=[device])
     ap.add_argument("--quick", action="store_true",
                     help="CI smoke run: L 1024 2048, decode 4096, Hq=8 Hkv=2, short probes")
     ap.add_argument("--lengths", type=int, nargs="+", help="prompt lengths (default 2048 8192 32768)")

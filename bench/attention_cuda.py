@@ -133,7 +133,7 @@ def place_rows(part, start, L):
     return out, lse
 
 
-def prompt_rows(L, quick, out):
+def prompt_rows(L, out):
     q = torch.randn(1, HQ, L, D, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, HKV, L, D, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(1, HKV, L, D, device="cuda", dtype=torch.bfloat16)
@@ -238,7 +238,7 @@ def main(argv=None):
     print(f"ceilings (same run): bf16 matmul {mm:.0f} TFLOP/s, device copy {copy:.0f} GB/s", flush=True)
     rows = []
     for L in ([8192, 32768] if args.quick else [8192, 32768, 131072]):
-        prompt_rows(L, args.quick, rows)
+        prompt_rows(L, rows)
     for L in (32768, 131072):
         for B in (1, 8):
             decode_rows(L, B, rows)

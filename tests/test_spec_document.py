@@ -43,7 +43,7 @@ def test_spec_has_the_cited_sections():
     assert cited <= set(headings), f"sections cited but missing from docs/spec.md: {sorted(cited - set(headings))}"
 
 
-def _tracked_files():
+def _repository_files():
     out = []
     for folder in ("lampe", "csrc", "tests", "tools", "docs", "bench", "notebooks", ".ci"):
         for base, dirs, files in os.walk(os.path.join(ROOT, folder)):
@@ -56,7 +56,7 @@ def test_the_repository_cites_only_files_it_has():
     """Docs and comments point at files inside the repository: every Markdown file named, and
     every source path under one of the repository's folders, must exist (a coordination note kept
     beside the repository once leaked into four places as if it were part of it)."""
-    files = _tracked_files()
+    files = _repository_files()
     names = {os.path.basename(f) for f in files}
     md = re.compile(r"(?<![\w/.-])([\w-]+\.md)\b")
     path = re.compile(r"(?<![\w/.-])((?:lampe|csrc|tests|tools|docs|bench|notebooks)/[\w./-]*\.(?:py|c|h|cu|cuh|cpp|md|sh))\b")
