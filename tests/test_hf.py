@@ -637,16 +637,92 @@ def test_compile_fullgraph_without_graph_breaks(n):
     assert (compiled - eager).abs().max() <= 1e-5 * eager.abs().max()
 
 
-def test_compile_with_a_padding_mask_runs_attention_outside_the_graph():
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("n", [40, 100])  # below and beyond active_from
+def test_compile_with_a_padding_mask_fullgraph(side, n):
+    m = tiny("llama")
+    x = ids(n, batch=2)
+    am = torch.ones_like(x)
+    if side == "left":
+        am[1, :10] = 0
+    else:
+        am[1, -10:] = 0
+    with torch.no_grad(), lampe.patched(m, **SMALL):
+        eager = m(x, attention_mask=am).logits
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(m)(x, attention_mask=am)
+        reasons = [str(r.reason)[:200] for r in explained.break_reasons]
+        assert explained.graph_break_count == 0, reasons  # it was one per LaMPE layer (three frames each)
+        torch._dynamo.reset()
+        compiled = torch.compile(m, fullgraph=True)(x, attention_mask=am).logits  # inductor
+    valid = am.bool()
+    assert torch.isfinite(compiled).all()
+    assert (compiled - eager)[valid].abs().max() <= 1e-5 * eager.abs().max()
+
+
+def _compiled_forward_generate(m, x, **kw):
+    """generate() with the model's forward compiled, as transformers documents it."""
+    forward = m.forward
+    m.forward = torch.compile(forward, fullgraph=True)
+    torch._dynamo.reset()
+    try:
+        return m.generate(x, do_sample=False, return_dict_in_generate=True, output_logits=True, **kw)
+    finally:
+        m.forward = forward
+
+
+@pytest.mark.parametrize("prompt,cache", [(58, "dynamic"), (80, "static")])  # rows growing past active_from / beyond it
+def test_compiled_generate_with_padding_equals_eager(prompt, cache):
+    m = tiny("llama")
+    x = torch.cat([ids(prompt, seed=3), ids(prompt, seed=4)])
+    am = torch.ones_like(x)
+    am[0, :6] = 0  # left padding, as generate() wants it
+    kw = dict(attention_mask=am, max_new_tokens=20, pad_token_id=0)
+    if cache == "static":
+        kw["cache_implementation"] = "static"
+    with torch.no_grad(), lampe.patched(m, growth_from=W + 2, **SMALL):
+        want = m.generate(x, do_sample=False, return_dict_in_generate=True, output_logits=True, **kw)
+        got = _compiled_forward_generate(m, x, **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    assert torch.allclose(torch.stack(got.logits, 1), torch.stack(want.logits, 1), atol=1e-4)
+    # the plans the compiled steps made are the cache's, as eager decoding made them
+    plans = [hfcompat.output_cache(o)._lampe_state.plans.tolist() for o in (got, want)]
+    assert plans[0] == plans[1] and min(plans[0]) > W, plans
+
+
+def test_a_compiled_copy_runs_its_own_layers():
+    import copy
+    m = tiny("llama")
+    x = ids(100, batch=2)
+    am = torch.ones_like(x)
+    am[0, :7] = 0
+    h = lampe.patch(m, **SMALL)
+    with torch.no_grad():
+        ref = m(x, attention_mask=am).logits
+    c = copy.deepcopy(m)
+    h.remove()  # the copy's compiled graph must reach the copy's layers, not these
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(c, backend="eager", fullgraph=True)(x, attention_mask=am).logits
+    c._lampe_handle.remove()
+    assert torch.allclose(got[am.bool()], ref[am.bool()], atol=1e-5)
+
+
+def test_compiled_training_with_a_padding_mask_has_the_eager_gradients():
     m = tiny("llama")
     x = ids(100, batch=2)
     am = torch.ones_like(x)
     am[1, :10] = 0
-    with torch.no_grad(), lampe.patched(m, **SMALL):
-        eager = m(x, attention_mask=am).logits
+    params = [m.model.layers[0].self_attn.q_proj.weight, m.model.layers[1].self_attn.v_proj.weight]
+    with lampe.patched(m, **SMALL):
+        loss = m(x, attention_mask=am, labels=x).loss
+        want = torch.autograd.grad(loss, params)
         torch._dynamo.reset()
-        compiled = torch.compile(m, backend="eager")(x, attention_mask=am).logits
-    assert torch.allclose(compiled, eager, atol=1e-5)
+        loss_c = torch.compile(m, backend="aot_eager")(x, attention_mask=am, labels=x).loss
+        got = torch.autograd.grad(loss_c, params)
+    assert torch.allclose(loss_c, loss, atol=1e-5)
+    for g, w in zip(got, want):
+        assert w.abs().max() > 0 and torch.allclose(g, w, atol=1e-5 * w.abs().max().item())
 
 
 def test_packed_sequences_beyond_active_from_are_refused():

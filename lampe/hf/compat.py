@@ -56,13 +56,20 @@ def is_static_cache(cache) -> bool:
     return bool(getattr(cache, "is_compileable", False)) or "Static" in type(cache).__name__
 
 
-def query_offset(cache, layer_idx: int, q_len: int, k_len: int, cache_position) -> int:
-    """Tensor index (in the keys the attention function receives) of the first query row."""
+def query_offset(cache, layer_idx: int, q_len: int, k_len: int, cache_position, read: bool = True):
+    """Tensor index (in the keys the attention function receives) of the first query row. A static
+    cache keeps it in a tensor: ``read=False`` returns that 0-d tensor unread (torch.compile would
+    break the graph to read it)."""
     if cache is None or not is_static_cache(cache):
         return k_len - q_len  # dynamic caches hold exactly the keys written so far
     if cache_position is not None:  # 4.57 passes it; the static cache writes there
-        return int(cache_position.reshape(-1)[0])
-    return int(cache.get_seq_length(layer_idx)) - q_len  # 5.x: called after this layer's update
+        at = cache_position.reshape(-1)[0]
+    else:
+        n = cache.get_seq_length(layer_idx)  # 5.x: called after this layer's update
+        if not torch.is_tensor(n):
+            return int(n) - q_len
+        at = n.reshape(-1)[0] - q_len
+    return int(at) if read else at
 
 
 # ---------------------------------------------------------------------------------------- modules

@@ -24,7 +24,7 @@ import torch
 from .. import torch_backend
 from ..config import LampeConfig, paper_sizes
 from ..torch_ops import op_numbers
-from . import compat
+from . import compat, compiled
 from .families import FAMILIES, ROPE_TYPES, SCALED_ROPE_TYPES, UNSUPPORTED
 
 SUPPORTED_FAMILIES = tuple(FAMILIES)
@@ -126,24 +126,25 @@ class _Call:
 
 class _CacheState:
     """lampe's state on one Cache: each row's plan (the prompt length its positions were planned
-    from, 0 = none yet; host memory, where plans are made) and each key's position (for the
-    model's own attention below active_from), both following the cache's reorders."""
+    from, 0 = none yet; an int64 CPU tensor [B], read where plans are made, on the host) and each
+    key's position (for the model's own attention below active_from), both following the cache's
+    reorders."""
 
     def __init__(self):
-        self.plans: Optional[list] = None
+        self.plans: Optional[torch.Tensor] = None
         self.kpos: Optional[torch.Tensor] = None
 
     def select(self, index):
         """Rows ``index`` (a beam reorder or a batch selection)."""
-        idx = index.detach().to("cpu", torch.long).tolist() if torch.is_tensor(index) else list(index)
+        idx = torch.as_tensor(index).detach().to("cpu", torch.long).reshape(-1)
         if self.plans is not None:
-            self.plans = [self.plans[i] for i in idx]
+            self.plans = self.plans[idx]
         if self.kpos is not None:
-            self.kpos = self.kpos[torch.as_tensor(idx, device=self.kpos.device)]
+            self.kpos = self.kpos[idx.to(self.kpos.device)]
 
     def repeat(self, repeats: int):
         if self.plans is not None:
-            self.plans = [p for p in self.plans for _ in range(repeats)]
+            self.plans = self.plans.repeat_interleave(repeats)
         if self.kpos is not None:
             self.kpos = self.kpos.repeat_interleave(repeats, dim=0)
 
@@ -294,6 +295,8 @@ class LampeHandle:
         model = state.pop("_model")
         self.__dict__.update(state)
         self._model = weakref.ref(model) if model is not None else (lambda: None)
+        # a copy's layers are new modules: they need numbers of their own for lampe::patched_layer
+        self._specs = {m: spec._replace(op_layer=compiled.register_layer(m)) for m, spec in self._specs.items()}
         if self.active:
             _register()  # the names must exist in the process that unpickles the model
 
@@ -401,34 +404,49 @@ class LampeHandle:
     # -- the forward's layout and plans
 
     def _forward_layout(self, module, call, mask, B, Tq, Tk, device) -> _Layout:
+        """Eager mode (and traced training): the layout, made by the first LaMPE layer of a forward
+        and reused by the others (same mask, position_ids and cache)."""
         compiling = torch.compiler.is_compiling()
         lay = self._layout
-        if (not compiling and lay is not None and lay.B == B and lay.Tq == Tq and lay.Tk == Tk
+        if (not compiling and lay is not None and lay.refs != "op" and lay.B == B and lay.Tq == Tq and lay.Tk == Tk
                 and all(r() is x for r, x in zip(lay.refs, (mask, call.position_ids, call.cache)))):
             return lay
         cache = call.cache
         q0 = compat.query_offset(cache, module.layer_idx, Tq, Tk, call.cache_position)
-        if mask is None:
-            valid = None  # every key up to the last query is valid: shapes say it all
-        else:
-            if mask.dim() != 4:
-                raise NotImplementedError(f"lampe: expected a 4-D attention mask, got shape {tuple(mask.shape)}")
-            row = mask[:, 0, -1, :]
-            row = row if row.dtype == torch.bool else compat.float_mask_valid(row)
-            valid = row.expand(B, Tk).to("cpu").numpy().copy()  # the forward's one host read
-        lay = _Layout(B, Tq, Tk, q0, valid)
         state = cache.__dict__.get("_lampe_state") if cache is not None else None
-        self._plan_rows(lay, state)
-        if not compiling and Tq > 1 and any(s < Tq for s in lay.start):
+        lay = _Layout(B, Tq, Tk, q0, _valid_keys(mask, B, Tk))
+        plans = self._plan_rows(lay, state.plans if state is not None else None)
+        if state is not None and plans is not None:
+            state.plans = plans
+        if not compiling:
             _check_one_sequence_per_row(lay, call.position_ids, mask)
-        lay.kpos = self._key_positions(lay, call, state, device)
+        lay.kpos = self._key_positions(B, Tq, Tk, q0, call.position_ids, state, device)
         if not compiling:  # traced code recomputes per layer (plain integers; the same answer)
             lay.refs = tuple(_weak(x) for x in (mask, call.position_ids, cache))
             self._layout = lay
         return lay
 
-    def _plan_rows(self, lay: _Layout, state: Optional[_CacheState]):
-        """Which rows and query rows run LaMPE, and from which plan.
+    def _op_layout(self, module, mask, B, Tq, Tk, q0, position_ids, kpos, plans) -> _Layout:
+        """Inside lampe::patched_layer: the first LaMPE layer of a forward makes the layout (and
+        rewrites the cache's plans in place), the others reuse it. Planning again would give the
+        same answer (a plan made in this forward is re-made from the same lengths), only slower."""
+        lay = self._layout
+        if (module is not next(iter(self.layers)) and lay is not None and lay.refs == "op"
+                and (lay.B, lay.Tq, lay.Tk, lay.q0) == (B, Tq, Tk, q0)):
+            return lay
+        lay = _Layout(B, Tq, Tk, q0, _valid_keys(mask, B, Tk))
+        new = self._plan_rows(lay, plans)
+        if plans is not None and new is not None:
+            plans.copy_(new)
+        _check_one_sequence_per_row(lay, position_ids, mask)
+        lay.kpos = kpos
+        lay.refs = "op"
+        self._layout = lay
+        return lay
+
+    def _plan_rows(self, lay: _Layout, stored: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Which rows and query rows run LaMPE, and from which plan; returns the plans to store on
+        the cache (None: nothing to store).
 
         LaMPE: a row whose prompt (its first forward; inside generate() the input, without the
         candidate tokens assisted and prompt-lookup decoding append to it) exceeds active_from is
@@ -447,10 +465,12 @@ class LampeHandle:
             for b in range(lay.B):
                 if total[b] > threshold:
                     lay.plan[b], lay.start[b] = total[b], 0
-            return
+            return None
         plans = [0] * lay.B
-        if state is not None and state.plans is not None and len(state.plans) == lay.B:
-            plans = list(state.plans)
+        # A row with no keys before this forward keeps no plan (see below): the stored plans are
+        # read only when some row has history (so traced prefill reads no tensor).
+        if stored is not None and stored.shape[0] == lay.B and any(lay.past):
+            plans = stored.tolist()
         hint = self._prompt_index
         for b in range(lay.B):
             P, past = plans[b], lay.past[b]
@@ -473,37 +493,54 @@ class LampeHandle:
                     lay.start[b] = lay.first_row_at(b, P - 1)
             plans[b] = P
         lay.plan = plans
-        if state is not None:
-            state.plans = plans
+        return torch.tensor(plans, dtype=torch.int64)
 
-    def _key_positions(self, lay, call, state, device):
+    def _key_positions(self, B, Tq, Tk, q0, position_ids, state, device):
         """Positions of the keys as the model rotated them (the cache records every forward's
         position_ids), for the model's own attention."""
-        pos = call.position_ids
+        pos = position_ids
         if pos is None:
-            pos = torch.arange(lay.q0, lay.q0 + lay.Tq, device=device)[None]
-        pos = pos.to(torch.long).reshape(-1, lay.Tq).expand(lay.B, lay.Tq)
+            pos = torch.arange(q0, q0 + Tq, device=device)[None]
+        pos = pos.to(torch.long).reshape(-1, Tq).expand(B, Tq)
         past = None
-        if state is not None and state.kpos is not None and lay.q0 > 0:
+        if state is not None and state.kpos is not None and q0 > 0:
             rec = state.kpos
-            if rec.shape[0] == lay.B and rec.shape[1] >= lay.q0:
-                past = rec[:, :lay.q0].to(pos.device)
-        if past is None and lay.q0 > 0:  # unknown history: positions one apart
-            past = pos[:, :1] - torch.arange(lay.q0, 0, -1, device=pos.device)[None]
+            if rec.shape[0] == B and rec.shape[1] >= q0:
+                past = rec[:, :q0].to(pos.device)
+        if past is None and q0 > 0:  # unknown history: positions one apart
+            past = pos[:, :1] - torch.arange(q0, 0, -1, device=pos.device)[None]
         kpos = pos if past is None else torch.cat([past, pos], dim=1)
         if state is not None:
             state.kpos = kpos
-        if kpos.shape[1] < lay.Tk:  # a static cache's unwritten tail (never attended)
-            kpos = torch.cat([kpos, kpos.new_zeros(lay.B, lay.Tk - kpos.shape[1])], dim=1)
-        return kpos[:, :lay.Tk]
+        if kpos.shape[1] < Tk:  # a static cache's unwritten tail (never attended)
+            kpos = torch.cat([kpos, kpos.new_zeros(B, Tk - kpos.shape[1])], dim=1)
+        return kpos[:, :Tk]
+
+    def _key_position_buffer(self, B, Tk, state, device):
+        """Traced inference on a static cache: the key positions recorded so far in a [B, Tk] buffer
+        (zeros where nothing is written yet) that lampe::patched_layer completes in place."""
+        rec = state.kpos if state is not None else None
+        if rec is None or rec.shape[0] != B:
+            buf = torch.zeros(B, Tk, dtype=torch.long, device=device)
+        elif rec.shape[1] < Tk:
+            buf = torch.cat([rec, rec.new_zeros(B, Tk - rec.shape[1])], dim=1)
+        else:
+            buf = rec[:, :Tk] if rec.shape[1] > Tk else rec
+        if state is not None:
+            state.kpos = buf
+        return buf
 
     # -- attention
 
     def attend(self, module, query, key, value, attention_mask, dropout, scaling, kwargs):
-        if attention_mask is not None and torch.compiler.is_compiling():
-            # A padding mask (or a static cache) is read on the host: this layer's attention runs
-            # outside the graph (one graph break per layer).
-            return self._attend_outside_graph(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+        if torch.compiler.is_compiling() and module in self.layers:
+            if not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)):
+                return self._attend_as_op(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+            if attention_mask is not None:
+                # Training with a padding mask: the mask is read on the host, and lampe::patched_layer
+                # has no backward: this layer's attention runs outside the graph (a graph break).
+                return self._attend_outside_graph(module, query, key, value, attention_mask, dropout, scaling,
+                                                  kwargs)
         return self._attend(module, query, key, value, attention_mask, dropout, scaling, kwargs)
 
     def _attend(self, module, query, key, value, attention_mask, dropout, scaling, kwargs):
@@ -515,11 +552,59 @@ class LampeHandle:
         if call is None:
             raise RuntimeError(f"{type(module).__name__} {module.layer_idx}: lampe's pre-hook did not run")
         B, Hq, Tq, D = query.shape
-        Tk = key.shape[2]
-        lay = self._forward_layout(module, call, attention_mask, B, Tq, Tk, query.device)
+        lay = self._forward_layout(module, call, attention_mask, B, Tq, key.shape[2], query.device)
+        return self._attend_rows(module, rotary, query, key, value, attention_mask, dropout, scaling, kwargs,
+                                 call.cos, call.sin, lay)
+
+    _attend_outside_graph = torch.compiler.disable(_attend)
+
+    def _attend_as_op(self, module, query, key, value, attention_mask, dropout, scaling, kwargs):
+        """Traced inference: what the op needs, from shapes and the cache's state, then one
+        lampe::patched_layer call (lampe/hf/compiled.py says why)."""
+        call = module.__dict__.pop("_lampe_call", None)
+        if call is None:
+            raise RuntimeError(f"{type(module).__name__} {module.layer_idx}: lampe's pre-hook did not run")
+        B, Tq, Tk = query.shape[0], query.shape[2], key.shape[2]
+        cache = call.cache
+        q0 = compat.query_offset(cache, module.layer_idx, Tq, Tk, call.cache_position, read=False)
+        state = cache.__dict__.get("_lampe_state") if cache is not None else None
+        q0_at = None
+        if torch.is_tensor(q0):  # a static cache: the op reads the offset and records the positions
+            q0_at, q0 = q0.reshape(1), 0
+            kpos = self._key_position_buffer(B, Tk, state, query.device if call.position_ids is None
+                                             else call.position_ids.device)
+        else:
+            kpos = self._key_positions(B, Tq, Tk, q0, call.position_ids, state, query.device)
+        plans = None
+        if state is not None and self.config.mode not in _BASELINES:
+            if state.plans is None or state.plans.shape[0] != B:
+                state.plans = torch.zeros(B, dtype=torch.int64)
+            plans = state.plans
+        out = compiled.patched_layer(query, key, value, attention_mask, call.cos, call.sin, call.position_ids, kpos,
+                                     plans, q0, q0_at, self._specs[module].op_layer, float(dropout), float(scaling),
+                                     *(kwargs.get(k) for k in compiled.SCALAR_KWARGS))
+        return out, None
+
+    def run_layer_op(self, module, query, key, value, mask, cos, sin, kpos, plans, q0, q0_at, dropout, scaling,
+                     kwargs):
+        """lampe::patched_layer's body: the eager code path on the op's arguments."""
+        B, Hq, Tq, D = query.shape
+        if q0_at is not None:  # a static cache: its write index, and the query rows' positions recorded
+            q0 = int(q0_at[0])
+            pos = kwargs.get("position_ids")
+            pos = (torch.arange(q0, q0 + Tq, device=kpos.device)[None] if pos is None
+                   else pos.to(kpos.device, torch.long).reshape(-1, Tq))
+            kpos[:, q0:q0 + Tq] = pos
+        lay = self._op_layout(module, mask, B, Tq, key.shape[2], q0, kwargs.get("position_ids"), kpos, plans)
+        out = self._attend_rows(module, self.layers[module], query, key, value, mask, dropout, scaling, kwargs,
+                                cos, sin, lay)
+        return out[0] if isinstance(out, tuple) else out
+
+    def _attend_rows(self, module, rotary, query, key, value, attention_mask, dropout, scaling, kwargs, cos, sin, lay):
+        B, Hq, Tq, D = query.shape
         lampe_rows = [b for b in range(B) if lay.start[b] < Tq]
         if not lampe_rows:
-            return self._own(module, query, key, value, attention_mask, dropout, scaling, kwargs, call, lay)
+            return self._own(module, query, key, value, attention_mask, dropout, scaling, kwargs, cos, sin, lay)
         if dropout:
             raise NotImplementedError(f"lampe: attention dropout ({dropout}) is not supported on rows that run LaMPE; "
                                       "set the model's attention_dropout to 0 or call model.eval()")
@@ -530,18 +615,16 @@ class LampeHandle:
             return self._lampe_batch(module, rotary, query, key, value, scaling, lay), None
         if len(lampe_rows) < B or any(lay.start[b] > 0 for b in lampe_rows):
             # Rows (or first query rows) below active_from: the model's own attention for those.
-            out = self._own(module, query, key, value, attention_mask, dropout, scaling, kwargs, call, lay)[0].clone()
+            out = self._own(module, query, key, value, attention_mask, dropout, scaling, kwargs, cos, sin,
+                            lay)[0].clone()
         else:
             out = query.new_zeros(B, Tq, Hq, D)
         for b in lampe_rows:
             self._lampe_row(module, rotary, query, key, value, scaling, lay, b, out)
         return out, None
 
-    _attend_outside_graph = torch.compiler.disable(_attend)
-
-    def _own(self, module, query, key, value, mask, dropout, scaling, kwargs, call, lay):
+    def _own(self, module, query, key, value, mask, dropout, scaling, kwargs, cos_q, sin_q, lay):
         """The model's own attention: rotate exactly as the model does, call its implementation."""
-        cos_q, sin_q = call.cos, call.sin
         if lay.q0 == 0 and lay.Tk == lay.Tq:
             q_rot, k_rot = compat.apply_rotary(module, query, cos_q, sin_q, key)
         else:
@@ -606,12 +689,14 @@ class LampeHandle:
 class _LayerSpec(NamedTuple):
     """What a LaMPE layer's kernel call needs, fixed at patch time (so traced code computes none
     of it): the config with the rope type's attention_scaling folded into the temperature, the
-    op's numbers for it, rotary dims, pairing and soft-capping."""
+    op's numbers for it, rotary dims, pairing, soft-capping, and the layer's number for
+    lampe::patched_layer (lampe/hf/compiled.py)."""
     config: LampeConfig
     numbers: tuple
     rotary_dim: int
     layout: str
     softcap: float
+    op_layer: int
 
 
 def _growth_threshold(config) -> int:
@@ -623,7 +708,8 @@ def _layer_spec(config, rotary, module, layout) -> _LayerSpec:
     mscale = rotary.attention_scaling
     cfg = config if mscale == 1.0 else config.replace(temperature=config.temperature * mscale)
     softcap = float(getattr(module, "attn_logit_softcapping", None) or 0.0)
-    return _LayerSpec(cfg, op_numbers(cfg), 2 * int(rotary.inv_freq().shape[-1]), layout, softcap)
+    return _LayerSpec(cfg, op_numbers(cfg), 2 * int(rotary.inv_freq().shape[-1]), layout, softcap,
+                      compiled.register_layer(module))
 
 
 class _Absent:
@@ -648,10 +734,24 @@ def _weak(x):
         return lambda: x
 
 
+def _valid_keys(mask, B, Tk):
+    """np.bool_ [B, Tk]: which keys the last query row of each row may see (the forward's one host
+    read), or None without a mask (every key up to the last query is valid: shapes say it all)."""
+    if mask is None:
+        return None
+    if mask.dim() != 4:
+        raise NotImplementedError(f"lampe: expected a 4-D attention mask, got shape {tuple(mask.shape)}")
+    row = mask[:, 0, -1, :]
+    row = row if row.dtype == torch.bool else compat.float_mask_valid(row)
+    return row.expand(B, Tk).to("cpu").numpy().copy()
+
+
 def _check_one_sequence_per_row(lay, position_ids, mask):
     """LaMPE numbers a row's valid tokens as one sequence. Packed sequences (several documents in
     a row: position_ids restarting, or a block-diagonal mask in which queries before the last
     document see keys of their own) are not that: refuse them rather than attend wrongly."""
+    if lay.Tq <= 1 or all(s >= lay.Tq for s in lay.start):
+        return
     before = None
     if mask is not None:
         seen = mask[:, 0]
