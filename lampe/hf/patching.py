@@ -217,6 +217,7 @@ class _Layout:
         self.start = [Tq] * B
         self.kpos = None        # [B, Tk] key positions for the model's own attention
         self.refs = ()
+        self.stored = None      # lampe::patched_layer: the plans to store on the cache
         self._device = {}
 
     def own_positions(self, b):
@@ -427,17 +428,16 @@ class LampeHandle:
         return lay
 
     def _op_layout(self, module, mask, B, Tq, Tk, q0, position_ids, kpos, plans) -> _Layout:
-        """Inside lampe::patched_layer: the first LaMPE layer of a forward makes the layout (and
-        rewrites the cache's plans in place), the others reuse it. Planning again would give the
-        same answer (a plan made in this forward is re-made from the same lengths), only slower."""
+        """Inside lampe::patched_layer: the first LaMPE layer of a forward makes the layout and the
+        cache's new plans (``lay.stored``), the others reuse it. Planning again would give the same
+        answer (a plan made in this forward is re-made from the same lengths), only slower."""
         lay = self._layout
         if (module is not next(iter(self.layers)) and lay is not None and lay.refs == "op"
                 and (lay.B, lay.Tq, lay.Tk, lay.q0) == (B, Tq, Tk, q0)):
             return lay
         lay = _Layout(B, Tq, Tk, q0, _valid_keys(mask, B, Tk))
         new = self._plan_rows(lay, plans)
-        if plans is not None and new is not None:
-            plans.copy_(new)
+        lay.stored = new if new is not None else torch.zeros(B, dtype=torch.int64)
         _check_one_sequence_per_row(lay, position_ids, mask)
         lay.kpos = kpos
         lay.refs = "op"
@@ -516,16 +516,20 @@ class LampeHandle:
             kpos = torch.cat([kpos, kpos.new_zeros(B, Tk - kpos.shape[1])], dim=1)
         return kpos[:, :Tk]
 
-    def _key_position_buffer(self, B, Tk, state, device):
+    def _key_position_buffer(self, B, Tq, Tk, q0_at, position_ids, state, device):
         """Traced inference on a static cache: the key positions recorded so far in a [B, Tk] buffer
-        (zeros where nothing is written yet) that lampe::patched_layer completes in place."""
+        (zeros where nothing is written yet), this forward's written at the cache's write index
+        q0_at (a tensor: nothing read on the host)."""
         rec = state.kpos if state is not None else None
         if rec is None or rec.shape[0] != B:
             buf = torch.zeros(B, Tk, dtype=torch.long, device=device)
         elif rec.shape[1] < Tk:
-            buf = torch.cat([rec, rec.new_zeros(B, Tk - rec.shape[1])], dim=1)
+            buf = torch.cat([rec.to(device), rec.new_zeros(B, Tk - rec.shape[1], device=device)], dim=1)
         else:
-            buf = rec[:, :Tk] if rec.shape[1] > Tk else rec
+            buf = rec[:, :Tk].to(device)
+        idx = q0_at.to(device) + torch.arange(Tq, device=device)
+        pos = idx[None] if position_ids is None else position_ids.to(device, torch.long).reshape(-1, Tq)
+        buf = buf.index_copy(1, idx, pos.expand(B, Tq))
         if state is not None:
             state.kpos = buf
         return buf
@@ -569,36 +573,35 @@ class LampeHandle:
         q0 = compat.query_offset(cache, module.layer_idx, Tq, Tk, call.cache_position, read=False)
         state = cache.__dict__.get("_lampe_state") if cache is not None else None
         q0_at = None
-        if torch.is_tensor(q0):  # a static cache: the op reads the offset and records the positions
+        if torch.is_tensor(q0):  # a static cache: its write index, read by the op
             q0_at, q0 = q0.reshape(1), 0
-            kpos = self._key_position_buffer(B, Tk, state, query.device if call.position_ids is None
-                                             else call.position_ids.device)
+            device = query.device if call.position_ids is None else call.position_ids.device
+            kpos = self._key_position_buffer(B, Tq, Tk, q0_at, call.position_ids, state, device)
         else:
             kpos = self._key_positions(B, Tq, Tk, q0, call.position_ids, state, query.device)
         plans = None
         if state is not None and self.config.mode not in _BASELINES:
-            if state.plans is None or state.plans.shape[0] != B:
-                state.plans = torch.zeros(B, dtype=torch.int64)
             plans = state.plans
-        out = compiled.patched_layer(query, key, value, attention_mask, call.cos, call.sin, call.position_ids, kpos,
-                                     plans, q0, q0_at, self._specs[module].op_layer, float(dropout), float(scaling),
-                                     *(kwargs.get(k) for k in compiled.SCALAR_KWARGS))
+            if plans is None or plans.shape[0] != B:
+                plans = torch.zeros(B, dtype=torch.int64)
+        out, new_plans = compiled.patched_layer(
+            query, key, value, attention_mask, call.cos, call.sin, call.position_ids, kpos, plans, q0, q0_at,
+            self._specs[module].op_layer, float(dropout), float(scaling), *(kwargs.get(k) for k in compiled.SCALAR_KWARGS))
+        if plans is not None:
+            state.plans = new_plans
         return out, None
 
     def run_layer_op(self, module, query, key, value, mask, cos, sin, kpos, plans, q0, q0_at, dropout, scaling,
                      kwargs):
         """lampe::patched_layer's body: the eager code path on the op's arguments."""
         B, Hq, Tq, D = query.shape
-        if q0_at is not None:  # a static cache: its write index, and the query rows' positions recorded
+        if q0_at is not None:  # a static cache's write index
             q0 = int(q0_at[0])
-            pos = kwargs.get("position_ids")
-            pos = (torch.arange(q0, q0 + Tq, device=kpos.device)[None] if pos is None
-                   else pos.to(kpos.device, torch.long).reshape(-1, Tq))
-            kpos[:, q0:q0 + Tq] = pos
         lay = self._op_layout(module, mask, B, Tq, key.shape[2], q0, kwargs.get("position_ids"), kpos, plans)
         out = self._attend_rows(module, self.layers[module], query, key, value, mask, dropout, scaling, kwargs,
                                 cos, sin, lay)
-        return out[0] if isinstance(out, tuple) else out
+        out = out[0] if isinstance(out, tuple) else out
+        return out, lay.stored.clone()  # an op's outputs are new tensors
 
     def _attend_rows(self, module, rotary, query, key, value, attention_mask, dropout, scaling, kwargs, cos, sin, lay):
         B, Hq, Tq, D = query.shape
