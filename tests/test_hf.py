@@ -690,6 +690,32 @@ def test_compiled_generate_with_padding_equals_eager(prompt, cache):
     assert plans[0] == plans[1] and min(plans[0]) > W, plans
 
 
+def test_patched_layer_op_passes_opcheck_and_equals_the_eager_layer():
+    """lampe::patched_layer as compiled code calls it: its schema and fake implementation pass
+    torch.library.opcheck (shapes, no aliasing, no input mutated), and it computes exactly what the
+    eager attention function computes, with the plans as its second output."""
+    m = tiny("llama")
+    B, T = 2, 100
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(B, h, T, 16, generator=g) for h in (4, 2, 2))
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[1, :10] = False  # left padding
+    mask = torch.ones(T, T, dtype=torch.bool).tril()[None, None] & valid[:, None, None, :]
+    pos = (torch.cumsum(valid, 1) - 1).clamp(min=0)
+    cos, sin = m.model.rotary_emb(q, pos)
+    with torch.no_grad(), lampe.patched(m, **SMALL) as h:
+        attn = m.model.layers[0].self_attn
+        args = (q, k, v, mask, cos, sin, pos, pos.clone(), torch.zeros(B, dtype=torch.int64), 0, None,
+                h._specs[attn].op_layer, 0.0, 0.25, None, None)
+        out, plans = torch.ops.lampe.patched_layer(*args)
+        attn._lampe_call = hfpatch._Call(None, pos, None, cos, sin)
+        want, _ = hfpatch._lampe_attention_forward(attn, q, k, v, mask, dropout=0.0, scaling=0.25, position_ids=pos)
+        torch.library.opcheck(torch.ops.lampe.patched_layer.default, args)
+    assert out.shape == (B, T, 4, 16) and torch.isfinite(out).all()
+    assert torch.equal(out, want)
+    assert plans.tolist() == [100, 90]  # each row planned from its own valid length
+
+
 def test_a_compiled_copy_runs_its_own_layers():
     import copy
     m = tiny("llama")
