@@ -80,7 +80,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=5, help="timed runs per contender")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                   "compiled_decode.json"))
+                                                   "compiled_decode.json"),
+                    help="where the results go (empty string: nowhere)")
     args = ap.parse_args(argv)
     if args.quick:
         args.window, args.layers, args.hidden, args.heads, args.kv_heads, args.steps, args.reps = 64, 2, 128, 4, 2, 4, 2
@@ -111,13 +112,15 @@ def main(argv=None):
           f"threads={args.threads}; lampe kernels: {lampe.info.current_isa()}; torch {torch.__version__}")
     for name, ms in per_step.items():
         print(f"  {name:<20} {ms:8.2f} ms/step")
-    print(f"  patched compiled / unpatched compiled = {per_step['patched compiled'] / per_step['unpatched compiled']:.2f}x; "
+    ratio = per_step["patched compiled"] / per_step["unpatched compiled"]
+    print(f"  patched compiled / unpatched compiled = {ratio:.2f}x; "
           f"patched compiled / patched eager = {per_step['patched compiled'] / per_step['patched eager']:.2f}x"
           f"{'' if clean else '  [noisy: other processes took CPU time]'}")
     print(f"  graph breaks in one padded decode step: unpatched {counts['unpatched']}, patched {counts['patched']}")
-    write_json(args.json, dict(config=vars(args), lampe=lampe.show_config(print_it=False), ms_per_step=per_step,
-                               graph_breaks=counts, clean=clean))
-    print(f"wrote {args.json}")
+    if args.json:
+        write_json(args.json, dict(config=vars(args), lampe=lampe.show_config(print_it=False),
+                                   ms_per_step=per_step, graph_breaks=counts, clean=clean))
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

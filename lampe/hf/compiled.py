@@ -59,7 +59,8 @@ def _layer(number: int):
 def patched_layer(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Optional[torch.Tensor],
                   cos: torch.Tensor, sin: torch.Tensor, position_ids: Optional[torch.Tensor], kpos: torch.Tensor,
                   plans: Optional[torch.Tensor], q0: int, q0_at: Optional[torch.Tensor], layer: int, dropout: float,
-                  scaling: float, is_causal: Optional[bool], softcap: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
+                  scaling: float, is_causal: Optional[bool],
+                  softcap: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
     module, handle = _layer(layer)
     kwargs = {"position_ids": position_ids}
     if is_causal is not None:

@@ -586,7 +586,8 @@ class LampeHandle:
                 plans = torch.zeros(B, dtype=torch.int64)
         out, new_plans = compiled.patched_layer(
             query, key, value, attention_mask, call.cos, call.sin, call.position_ids, kpos, plans, q0, q0_at,
-            self._specs[module].op_layer, float(dropout), float(scaling), *(kwargs.get(k) for k in compiled.SCALAR_KWARGS))
+            self._specs[module].op_layer, float(dropout), float(scaling),
+            *(kwargs.get(k) for k in compiled.SCALAR_KWARGS))
         if plans is not None:
             state.plans = new_plans
         return out, None
