@@ -217,7 +217,7 @@ class _Layout:
         self.start = [Tq] * B
         self.kpos = None        # [B, Tk] key positions for the model's own attention
         self.refs = ()
-        self.stored = None      # lampe::patched_layer: the plans to store on the cache
+        self.stored = None      # the plans to store on the cache (None: nothing to store)
         self._device = {}
 
     def own_positions(self, b):
@@ -415,12 +415,10 @@ class LampeHandle:
         cache = call.cache
         q0 = compat.query_offset(cache, module.layer_idx, Tq, Tk, call.cache_position)
         state = cache.__dict__.get("_lampe_state") if cache is not None else None
-        lay = _Layout(B, Tq, Tk, q0, _valid_keys(mask, B, Tk))
-        plans = self._plan_rows(lay, state.plans if state is not None else None)
-        if state is not None and plans is not None:
-            state.plans = plans
-        if not compiling:
-            _check_one_sequence_per_row(lay, call.position_ids, mask)
+        lay = self._new_layout(mask, B, Tq, Tk, q0, state.plans if state is not None else None, call.position_ids,
+                               check=not compiling)
+        if state is not None and lay.stored is not None:
+            state.plans = lay.stored
         lay.kpos = self._key_positions(B, Tq, Tk, q0, call.position_ids, state, device)
         if not compiling:  # traced code recomputes per layer (plain integers; the same answer)
             lay.refs = tuple(_weak(x) for x in (mask, call.position_ids, cache))
@@ -435,13 +433,19 @@ class LampeHandle:
         if (module is not next(iter(self.layers)) and lay is not None and lay.refs == "op"
                 and (lay.B, lay.Tq, lay.Tk, lay.q0) == (B, Tq, Tk, q0)):
             return lay
-        lay = _Layout(B, Tq, Tk, q0, _valid_keys(mask, B, Tk))
-        new = self._plan_rows(lay, plans)
-        lay.stored = new if new is not None else torch.zeros(B, dtype=torch.int64)
-        _check_one_sequence_per_row(lay, position_ids, mask)
+        lay = self._new_layout(mask, B, Tq, Tk, q0, plans, position_ids)
         lay.kpos = kpos
         lay.refs = "op"
         self._layout = lay
+        return lay
+
+    def _new_layout(self, mask, B, Tq, Tk, q0, stored, position_ids, check=True) -> _Layout:
+        """A forward's layout: the valid keys (the one host read), the plans (``lay.stored``: to
+        store on the cache, None for the baselines) and, unless traced, the packed-sequence check."""
+        lay = _Layout(B, Tq, Tk, q0, _valid_keys(mask, B, Tk))
+        lay.stored = self._plan_rows(lay, stored)
+        if check:
+            _check_one_sequence_per_row(lay, position_ids, mask)
         return lay
 
     def _plan_rows(self, lay: _Layout, stored: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -600,9 +604,9 @@ class LampeHandle:
             q0 = int(q0_at[0])
         lay = self._op_layout(module, mask, B, Tq, key.shape[2], q0, kwargs.get("position_ids"), kpos, plans)
         out = self._attend_rows(module, self.layers[module], query, key, value, mask, dropout, scaling, kwargs,
-                                cos, sin, lay)
-        out = out[0] if isinstance(out, tuple) else out
-        return out, lay.stored.clone()  # an op's outputs are new tensors
+                                cos, sin, lay)[0]
+        plans = lay.stored.clone() if lay.stored is not None else torch.zeros(B, dtype=torch.int64)
+        return out, plans  # (an op's outputs are new tensors)
 
     def _attend_rows(self, module, rotary, query, key, value, attention_mask, dropout, scaling, kwargs, cos, sin, lay):
         B, Hq, Tq, D = query.shape
