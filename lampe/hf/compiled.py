@@ -38,6 +38,11 @@ import torch
 _LAYERS: "weakref.WeakValueDictionary[int, torch.nn.Module]" = weakref.WeakValueDictionary()
 _NUMBERS = itertools.count(1)
 
+#: The scalar keywords of transformers' attention functions the op carries, in the order of its
+#: last arguments (the others a LaMPE layer's own attention, sdpa or eager, would receive are
+#: tensors it passes separately or flags that change nothing there).
+SCALAR_KWARGS = ("is_causal", "softcap")
+
 
 def register_layer(module) -> int:
     """A number for ``module`` that the op maps back to it (the module itself is never kept alive)."""
@@ -63,10 +68,7 @@ def patched_layer(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, m
                   softcap: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
     module, handle = _layer(layer)
     kwargs = {"position_ids": position_ids}
-    if is_causal is not None:
-        kwargs["is_causal"] = is_causal
-    if softcap is not None:
-        kwargs["softcap"] = softcap
+    kwargs.update((k, x) for k, x in zip(SCALAR_KWARGS, (is_causal, softcap)) if x is not None)
     out, new_plans = handle.run_layer_op(module, query, key, value, mask, cos, sin, kpos, plans, q0, q0_at, dropout,
                                          scaling, kwargs)
     return out.contiguous(), new_plans  # the fake implementation's layout
@@ -78,8 +80,3 @@ def _(query, key, value, mask, cos, sin, position_ids, kpos, plans, q0, q0_at, l
     B, Hq, Tq, D = query.shape
     return query.new_empty(B, Tq, Hq, D), torch.empty(B, dtype=torch.int64, device="cpu")
 
-
-#: The scalar keywords of transformers' attention functions the op carries (the others a LaMPE
-#: layer's own attention (sdpa or eager) would receive are tensors it passes separately or
-#: flags that change nothing there).
-SCALAR_KWARGS = ("is_causal", "softcap")

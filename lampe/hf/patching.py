@@ -216,7 +216,8 @@ class _Layout:
         self.plan = [0] * B
         self.start = [Tq] * B
         self.kpos = None        # [B, Tk] key positions for the model's own attention
-        self.refs = ()
+        self.refs = ()          # eager mode: weak refs of (mask, position_ids, cache) it was made for
+        self.by_op = False      # made inside lampe::patched_layer (reused only there)
         self.stored = None      # the plans to store on the cache (None: nothing to store)
         self._device = {}
 
@@ -409,7 +410,7 @@ class LampeHandle:
         and reused by the others (same mask, position_ids and cache)."""
         compiling = torch.compiler.is_compiling()
         lay = self._layout
-        if (not compiling and lay is not None and lay.refs != "op" and lay.B == B and lay.Tq == Tq and lay.Tk == Tk
+        if (not compiling and lay is not None and not lay.by_op and lay.B == B and lay.Tq == Tq and lay.Tk == Tk
                 and all(r() is x for r, x in zip(lay.refs, (mask, call.position_ids, call.cache)))):
             return lay
         cache = call.cache
@@ -430,12 +431,12 @@ class LampeHandle:
         cache's new plans (``lay.stored``), the others reuse it. Planning again would give the same
         answer (a plan made in this forward is re-made from the same lengths), only slower."""
         lay = self._layout
-        if (module is not next(iter(self.layers)) and lay is not None and lay.refs == "op"
+        if (module is not next(iter(self.layers)) and lay is not None and lay.by_op
                 and (lay.B, lay.Tq, lay.Tk, lay.q0) == (B, Tq, Tk, q0)):
             return lay
         lay = self._new_layout(mask, B, Tq, Tk, q0, plans, position_ids)
         lay.kpos = kpos
-        lay.refs = "op"
+        lay.by_op = True
         self._layout = lay
         return lay
 
